@@ -1,1 +1,190 @@
-//! (being written)
+//! Socket setup shared by the proxies: listeners (optionally transparent), upstream connects
+//! (optionally keeping the client's source address), marks and the file-descriptor limit.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Mark put on the proxy's own upstream sockets so redirection never captures them again
+/// (Istio's ztunnel uses the same value).
+pub const PROXY_MARK: u32 = 0x539;
+
+/// How long an upstream connect may take before we give up.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot make the listener on {addr} transparent (IP_TRANSPARENT needs CAP_NET_ADMIN): {source}"
+    )]
+    Transparent {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {dst} failed: {source}")]
+    Connect {
+        dst: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {dst} timed out after {timeout:?}")]
+    ConnectTimeout { dst: SocketAddr, timeout: Duration },
+    #[error("cannot bind the upstream socket to source {src} (to keep the client's address): {source}")]
+    BindSource {
+        src: IpAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl SocketError {
+    /// The underlying I/O error kind, for callers that map failures to protocol replies.
+    pub fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            SocketError::Listen { source, .. }
+            | SocketError::Transparent { source, .. }
+            | SocketError::Connect { source, .. }
+            | SocketError::BindSource { source, .. } => source.kind(),
+            SocketError::ConnectTimeout { .. } => io::ErrorKind::TimedOut,
+        }
+    }
+}
+
+/// Bind a TCP listener. `transparent` sets `IP_TRANSPARENT`, which lets the listener accept
+/// connections steered to it by eBPF (`bpf_sk_assign`) whatever their destination address;
+/// the accepted socket's local address is then the original destination.
+pub fn listen(addr: SocketAddr, transparent: bool) -> Result<TcpListener, SocketError> {
+    let domain = Domain::for_address(addr);
+    let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
+        .map_err(|source| SocketError::Listen { addr, source })?;
+    sock.set_reuse_address(true)
+        .map_err(|source| SocketError::Listen { addr, source })?;
+    if transparent {
+        set_transparent(&sock, addr.is_ipv6())
+            .map_err(|source| SocketError::Transparent { addr, source })?;
+    }
+    sock.bind(&addr.into())
+        .map_err(|source| SocketError::Listen { addr, source })?;
+    sock.listen(4096)
+        .map_err(|source| SocketError::Listen { addr, source })?;
+    TcpListener::from_std(sock.into()).map_err(|source| SocketError::Listen { addr, source })
+}
+
+fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
+    if v6 {
+        sock.set_ip_transparent_v6(true)
+    } else {
+        sock.set_ip_transparent_v4(true)
+    }
+}
+
+/// Options for an upstream connection.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Source address to bind (the original client's IP, so the destination sees who really
+    /// called). Non-local addresses need `IP_TRANSPARENT` (CAP_NET_ADMIN).
+    pub source: Option<IpAddr>,
+    /// `SO_MARK` for the socket (needs CAP_NET_ADMIN; skipped when not permitted).
+    pub mark: Option<u32>,
+    pub timeout: Option<Duration>,
+}
+
+/// Connect to `dst` with the given options; `TCP_NODELAY` is always set because proxies
+/// forward whatever they get at once.
+pub async fn connect(dst: SocketAddr, opts: &ConnectOptions) -> Result<TcpStream, SocketError> {
+    let sock = if dst.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|source| SocketError::Connect { dst, source })?;
+    if let Some(mark) = opts.mark {
+        // Marks need CAP_NET_ADMIN; without it we still connect (tests, non-root dev runs).
+        if let Err(e) = SockRef::from(&sock).set_mark(mark) {
+            tracing::trace!(%dst, "SO_MARK not set: {e}");
+        }
+    }
+    if let Some(src) = opts.source {
+        if src.is_ipv4() == dst.is_ipv4() {
+            let s = SockRef::from(&sock);
+            // Best effort: local addresses (e.g. 127.0.0.0/8) bind without it.
+            let _ = if src.is_ipv6() {
+                s.set_ip_transparent_v6(true)
+            } else {
+                s.set_ip_transparent_v4(true)
+            };
+            sock.bind(SocketAddr::new(src, 0))
+                .map_err(|source| SocketError::BindSource { src, source })?;
+        }
+    }
+    let timeout = opts.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let stream = match tokio::time::timeout(timeout, sock.connect(dst)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(SocketError::Connect { dst, source }),
+        Err(_) => return Err(SocketError::ConnectTimeout { dst, timeout }),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Raise the soft open-file limit to the hard limit: a node proxy holds several descriptors
+/// per proxied connection.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass; it is valid for writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connect_binds_loopback_source() {
+        let l = listen("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = l.local_addr().unwrap();
+        let opts = ConnectOptions {
+            source: Some("127.0.0.7".parse().unwrap()),
+            mark: Some(PROXY_MARK),
+            timeout: Some(Duration::from_secs(2)),
+        };
+        let (c, a) = tokio::join!(connect(addr, &opts), l.accept());
+        let c = c.unwrap();
+        let (_s, peer) = a.unwrap();
+        assert_eq!(peer.ip(), "127.0.0.7".parse::<IpAddr>().unwrap());
+        assert_eq!(c.peer_addr().unwrap(), addr);
+    }
+
+    #[tokio::test]
+    async fn connect_refused_is_reported() {
+        let l = listen("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let err = connect(addr, &ConnectOptions::default()).await.unwrap_err();
+        assert_eq!(err.io_kind(), io::ErrorKind::ConnectionRefused);
+        assert!(err.to_string().contains(&addr.to_string()));
+    }
+}
