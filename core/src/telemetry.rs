@@ -1,1 +1,396 @@
-//! (being written)
+//! Logging: the global tracing subscriber, runtime filter changes, and Istio-style access logs.
+//!
+//! [`init_logging`] installs a subscriber writing text or JSON to stderr behind a reloadable
+//! `RUST_LOG`-style filter; the returned [`LogHandle`] backs the admin server's `/logging` endpoint.
+//! [`AccessLog::emit`] writes one event per finished connection on target `access` with Istio's field
+//! names. [`capture_access_logs`] lets tests collect those events in memory.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::Registry;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, reload};
+
+/// Tracing target of access-log events.
+pub const ACCESS_TARGET: &str = "access";
+
+/// Most access events kept by a capture; older ones are dropped so a long test run stays bounded.
+const CAPTURE_LIMIT: usize = 10_000;
+
+/// Longest filter string accepted from `/logging` (it comes from an operator over HTTP).
+const MAX_FILTER_LEN: usize = 4096;
+
+/// Logging setup errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter {filter:?}: {reason}")]
+    InvalidFilter { filter: String, reason: String },
+    #[error("log filter is longer than {MAX_FILTER_LEN} bytes")]
+    FilterTooLong,
+    #[error("a global tracing subscriber is already installed; logging was initialized twice")]
+    AlreadyInitialized,
+    #[error("cannot change the log filter: the logging subscriber is gone")]
+    ReloadFailed(#[source] reload::Error),
+}
+
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
+
+/// Changes the log filter of the running process.
+#[derive(Clone)]
+pub struct LogHandle {
+    handle: FilterHandle,
+    // Keeps the filter alive for a handle not attached to a subscriber (the reload handle is weak).
+    _detached: Option<Arc<reload::Layer<EnvFilter, Registry>>>,
+}
+
+impl fmt::Debug for LogHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogHandle")
+            .field("filter", &self.current())
+            .finish()
+    }
+}
+
+impl LogHandle {
+    /// The filter in effect, e.g. `info,zmesh_core::hbone=debug`.
+    pub fn current(&self) -> String {
+        self.handle
+            .with_current(|f| f.to_string())
+            .unwrap_or_else(|_| "<unavailable>".to_string())
+    }
+
+    /// A handle whose filter is not attached to any subscriber: `set`/`current` work but change
+    /// nothing else. For tests of code that takes a [`LogHandle`] (e.g. the admin server).
+    pub fn detached(filter: &str) -> Result<LogHandle, TelemetryError> {
+        let (layer, handle) = reload::Layer::new(parse_filter(filter)?);
+        Ok(LogHandle {
+            handle,
+            _detached: Some(Arc::new(layer)),
+        })
+    }
+
+    /// Replace the filter. A bad filter is rejected and the old one stays.
+    pub fn set(&self, filter: &str) -> Result<(), TelemetryError> {
+        let new = parse_filter(filter)?;
+        self.handle
+            .reload(new)
+            .map_err(TelemetryError::ReloadFailed)
+    }
+}
+
+/// Parse a `RUST_LOG`-style directive string strictly (unlike `EnvFilter::new`, which silently
+/// skips bad directives — an operator should learn their change did nothing).
+fn parse_filter(filter: &str) -> Result<EnvFilter, TelemetryError> {
+    if filter.len() > MAX_FILTER_LEN {
+        return Err(TelemetryError::FilterTooLong);
+    }
+    let trimmed = filter.trim();
+    if trimmed.is_empty() {
+        return Err(TelemetryError::InvalidFilter {
+            filter: filter.to_string(),
+            reason: "empty filter".to_string(),
+        });
+    }
+    EnvFilter::builder()
+        .parse(trimmed)
+        .map_err(|e| TelemetryError::InvalidFilter {
+            filter: filter.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Install the global subscriber: filter from `RUST_LOG` (falling back to `default_filter`, then
+/// `info`), text or JSON lines on stderr. Access-log capture (see [`capture_access_logs`]) keeps
+/// working under this subscriber.
+pub fn init_logging(default_filter: &str, json: bool) -> Result<LogHandle, TelemetryError> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.trim().is_empty() => parse_filter(&env)?,
+        _ if !default_filter.trim().is_empty() => parse_filter(default_filter)?,
+        _ => parse_filter("info")?,
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let output: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
+    };
+    // The filter is per-layer on the output only, so capture sees access events whatever the level.
+    tracing_subscriber::registry()
+        .with(output.with_filter(filter))
+        .with(CaptureLayer)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInitialized)?;
+    Ok(LogHandle {
+        handle,
+        _detached: None,
+    })
+}
+
+/// One finished connection, logged Istio-style.
+#[derive(Clone, Debug, Default)]
+pub struct AccessLog {
+    pub src_addr: Option<SocketAddr>,
+    pub src_workload: Option<String>,
+    pub src_namespace: Option<String>,
+    pub src_identity: Option<String>,
+    pub dst_addr: Option<SocketAddr>,
+    pub dst_hbone_addr: Option<SocketAddr>,
+    pub dst_service: Option<String>,
+    pub dst_workload: Option<String>,
+    pub dst_namespace: Option<String>,
+    pub dst_identity: Option<String>,
+    /// `"inbound"` or `"outbound"`.
+    pub direction: &'static str,
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub duration: Duration,
+    pub error: Option<String>,
+}
+
+impl AccessLog {
+    /// Emit the access-log event (target `access`). Unknown fields are left out, as Istio does;
+    /// `duration` is rendered like Istio's `"13ms"`. Failed connections log at warn level.
+    pub fn emit(&self) {
+        let duration = format!("{}ms", self.duration.as_millis());
+        macro_rules! access {
+            ($lvl:expr) => {
+                tracing::event!(
+                    target: "access",
+                    $lvl,
+                    src.addr = self.src_addr.map(tracing::field::display),
+                    src.workload = self.src_workload.as_deref(),
+                    src.namespace = self.src_namespace.as_deref(),
+                    src.identity = self.src_identity.as_deref(),
+                    dst.addr = self.dst_addr.map(tracing::field::display),
+                    dst.hbone_addr = self.dst_hbone_addr.map(tracing::field::display),
+                    dst.service = self.dst_service.as_deref(),
+                    dst.workload = self.dst_workload.as_deref(),
+                    dst.namespace = self.dst_namespace.as_deref(),
+                    dst.identity = self.dst_identity.as_deref(),
+                    direction = self.direction,
+                    bytes_sent = self.bytes_sent,
+                    bytes_recv = self.bytes_recv,
+                    duration = duration.as_str(),
+                    error = self.error.as_deref(),
+                    "connection complete"
+                )
+            };
+        }
+        if self.error.is_some() {
+            access!(tracing::Level::WARN);
+        } else {
+            access!(tracing::Level::INFO);
+        }
+    }
+}
+
+type Buffer = Arc<Mutex<VecDeque<serde_json::Value>>>;
+
+/// The capture buffer, created by the first [`capture_access_logs`] call.
+static CAPTURE: OnceLock<Buffer> = OnceLock::new();
+
+/// Copies access events into [`CAPTURE`] once capture is enabled; otherwise a cheap no-op.
+struct CaptureLayer;
+
+impl<S: Subscriber> Layer<S> for CaptureLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if event.metadata().target() != ACCESS_TARGET {
+            return;
+        }
+        let Some(buf) = CAPTURE.get() else { return };
+        let mut fields = JsonVisitor(serde_json::Map::new());
+        event.record(&mut fields);
+        fields.0.insert(
+            "level".to_string(),
+            serde_json::Value::from(event.metadata().level().as_str()),
+        );
+        let mut buf = buf.lock().unwrap_or_else(PoisonError::into_inner);
+        if buf.len() >= CAPTURE_LIMIT {
+            buf.pop_front();
+        }
+        buf.push_back(serde_json::Value::Object(fields.0));
+    }
+}
+
+struct JsonVisitor(serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_string(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_string(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_string(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_string(), value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        // `display(..)` values arrive here; Debug of a DisplayValue is its Display form.
+        self.0
+            .insert(field.name().to_string(), format!("{value:?}").into());
+    }
+}
+
+/// In-memory access logs for tests; see [`capture_access_logs`].
+#[derive(Clone, Debug)]
+pub struct AccessLogCapture {
+    buf: Buffer,
+}
+
+impl AccessLogCapture {
+    /// Captured events in order, each the JSON object of its fields (`src.addr`, `bytes_sent`, …,
+    /// `message`, `level`). Shared by the whole process: parallel tests see each other's events.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        buf.iter().cloned().collect()
+    }
+
+    /// Forget everything captured so far.
+    pub fn clear(&self) {
+        self.buf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// Collect access-log events in memory (for tests). Safe to call many times: the first call
+/// installs a global subscriber (capture plus test-friendly text output filtered by `RUST_LOG`,
+/// default `info`) unless one is already installed — if it was installed by [`init_logging`], capture
+/// works through it too.
+pub fn capture_access_logs() -> AccessLogCapture {
+    let buf = CAPTURE
+        .get_or_init(|| {
+            let filter = std::env::var("RUST_LOG")
+                .ok()
+                .and_then(|f| parse_filter(&f).ok())
+                .unwrap_or_else(|| EnvFilter::new("info"));
+            let output = tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(filter);
+            // Failure means another subscriber is already global; if it is ours, capture still works.
+            let _ = tracing_subscriber::registry()
+                .with(output)
+                .with(CaptureLayer)
+                .try_init();
+            Arc::new(Mutex::new(VecDeque::new()))
+        })
+        .clone();
+    AccessLogCapture { buf }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_sees_access_log_fields() {
+        let cap = capture_access_logs();
+        let log = AccessLog {
+            src_addr: Some("10.0.0.1:5000".parse().unwrap()),
+            src_workload: Some("sleep".into()),
+            src_namespace: Some("default".into()),
+            src_identity: Some("spiffe://cluster.local/ns/default/sa/sleep".into()),
+            dst_addr: Some("10.0.0.2:8080".parse().unwrap()),
+            dst_hbone_addr: Some("10.0.0.2:15008".parse().unwrap()),
+            dst_service: Some("echo.default.svc.cluster.local".into()),
+            dst_workload: Some("echo".into()),
+            dst_namespace: Some("default".into()),
+            dst_identity: None,
+            direction: "outbound",
+            bytes_sent: 67,
+            bytes_recv: 490,
+            duration: Duration::from_millis(13),
+            error: None,
+        };
+        log.emit();
+        let failed = AccessLog {
+            src_workload: Some("capture-test-failed".into()),
+            direction: "inbound",
+            error: Some("connection refused".into()),
+            ..Default::default()
+        };
+        failed.emit();
+        let lines = cap.lines();
+        let ok = lines
+            .iter()
+            .find(|l| l["src.workload"] == "sleep" && l["bytes_recv"] == 490)
+            .expect("access log captured");
+        assert_eq!(ok["src.addr"], "10.0.0.1:5000");
+        assert_eq!(
+            ok["src.identity"],
+            "spiffe://cluster.local/ns/default/sa/sleep"
+        );
+        assert_eq!(ok["dst.addr"], "10.0.0.2:8080");
+        assert_eq!(ok["dst.hbone_addr"], "10.0.0.2:15008");
+        assert_eq!(ok["dst.service"], "echo.default.svc.cluster.local");
+        assert_eq!(ok["dst.workload"], "echo");
+        assert_eq!(ok["dst.namespace"], "default");
+        assert_eq!(ok["direction"], "outbound");
+        assert_eq!(ok["bytes_sent"], 67);
+        assert_eq!(ok["duration"], "13ms");
+        assert_eq!(ok["message"], "connection complete");
+        assert_eq!(ok["level"], "INFO");
+        assert!(ok.get("dst.identity").is_none());
+        assert!(ok.get("error").is_none());
+        let bad = lines
+            .iter()
+            .find(|l| l["src.workload"] == "capture-test-failed")
+            .expect("failed access log captured");
+        assert_eq!(bad["error"], "connection refused");
+        assert_eq!(bad["level"], "WARN");
+        assert!(bad.get("src.addr").is_none());
+    }
+
+    #[test]
+    fn init_logging_after_capture_reports_already_initialized() {
+        let _cap = capture_access_logs();
+        assert!(matches!(
+            init_logging("info", false),
+            Err(TelemetryError::AlreadyInitialized)
+        ));
+    }
+
+    #[test]
+    fn detached_handle_set_and_current() {
+        let h = LogHandle::detached("info").expect("filter");
+        h.set("debug,hyper=warn").expect("valid");
+        let now = h.current();
+        assert!(now.contains("hyper=warn") && now.contains("debug"), "{now}");
+        assert!(h.set("=").is_err());
+        assert_eq!(h.current(), now);
+    }
+
+    #[test]
+    fn strict_filter_parsing() {
+        assert!(parse_filter("info,zmesh_core=debug").is_ok());
+        assert!(matches!(
+            parse_filter("zmesh=notalevel"),
+            Err(TelemetryError::InvalidFilter { .. })
+        ));
+        assert!(parse_filter("  ").is_err());
+        assert!(matches!(
+            parse_filter(&"a".repeat(MAX_FILTER_LEN + 1)),
+            Err(TelemetryError::FilterTooLong)
+        ));
+    }
+}
