@@ -48,12 +48,26 @@ struct Args {
     metrics: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness: SocketAddr,
+    /// HBONE port of another node, as NODE=PORT (repeatable), when it is not 15008
+    /// (several ztunnels on one host).
+    #[arg(long = "peer-hbone-port", value_parser = parse_peer_port)]
+    peer_hbone_ports: Vec<(String, u16)>,
     /// Certificate lifetime, in seconds.
     #[arg(long, default_value_t = 86400)]
     cert_lifetime_secs: u64,
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
+}
+
+fn parse_peer_port(s: &str) -> Result<(String, u16), String> {
+    let (node, port) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NODE=PORT, got {s:?}"))?;
+    let port = port
+        .parse()
+        .map_err(|e| format!("bad port in {s:?}: {e}"))?;
+    Ok((node.to_string(), port))
 }
 
 fn main() -> Result<()> {
@@ -88,6 +102,7 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         trust_domain: ca.trust_domain().to_string(),
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
         local_config: Some(args.local_config.clone()),
+        peer_hbone_ports: args.peer_hbone_ports.into_iter().collect(),
         ..Config::default()
     };
     let source = Box::new(LocalConfig::from_file(&args.local_config));
