@@ -49,7 +49,10 @@ impl Drain {
     pub async fn shutdown(&self, grace: Duration) -> usize {
         self.stop_accepting.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+        {
             return 0;
         }
         let left = self.tracker.len();

@@ -39,7 +39,9 @@ pub enum SocketError {
     },
     #[error("connecting to {dst} timed out after {timeout:?}")]
     ConnectTimeout { dst: SocketAddr, timeout: Duration },
-    #[error("cannot bind the upstream socket to source {src} (to keep the client's address): {source}")]
+    #[error(
+        "cannot bind the upstream socket to source {src} (to keep the client's address): {source}"
+    )]
     BindSource {
         src: IpAddr,
         #[source]
@@ -65,8 +67,12 @@ impl SocketError {
 /// the accepted socket's local address is then the original destination.
 pub fn listen(addr: SocketAddr, transparent: bool) -> Result<TcpListener, SocketError> {
     let domain = Domain::for_address(addr);
-    let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
-        .map_err(|source| SocketError::Listen { addr, source })?;
+    let sock = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
+    .map_err(|source| SocketError::Listen { addr, source })?;
     sock.set_reuse_address(true)
         .map_err(|source| SocketError::Listen { addr, source })?;
     if transparent {

@@ -5,7 +5,9 @@ use prost::Message;
 use zmesh_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use zmesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Resource};
 use zmesh_proto::security::{self, Authorization, Clause, Match, Rule, StringMatch};
-use zmesh_proto::workload::{self, Address, GatewayAddress, NetworkAddress, Port, Service, Workload};
+use zmesh_proto::workload::{
+    self, Address, GatewayAddress, NetworkAddress, Port, Service, Workload,
+};
 
 /// Decode the first key of an encoded message: (field number, wire type).
 fn first_key(buf: &[u8]) -> (u32, u8) {
@@ -22,7 +24,11 @@ fn first_key(buf: &[u8]) -> (u32, u8) {
 fn check<M: Message>(name: &str, m: M, field: u32, wire: u8) {
     let buf = m.encode_to_vec();
     assert!(!buf.is_empty(), "{name}: encoded nothing");
-    assert_eq!(first_key(&buf), (field, wire), "{name}: wrong field number or wire type");
+    assert_eq!(
+        first_key(&buf),
+        (field, wire),
+        "{name}: wrong field number or wire type"
+    );
 }
 
 const LEN: u8 = 2;
@@ -31,60 +37,469 @@ const VARINT: u8 = 0;
 #[test]
 fn workload_fields() {
     let s = || "x".to_string();
-    check("Workload.uid", Workload { uid: s(), ..Default::default() }, 20, LEN);
-    check("Workload.name", Workload { name: s(), ..Default::default() }, 1, LEN);
-    check("Workload.namespace", Workload { namespace: s(), ..Default::default() }, 2, LEN);
-    check("Workload.addresses", Workload { addresses: vec![vec![10, 0, 0, 1]], ..Default::default() }, 3, LEN);
-    check("Workload.hostname", Workload { hostname: s(), ..Default::default() }, 21, LEN);
-    check("Workload.network", Workload { network: s(), ..Default::default() }, 4, LEN);
-    check("Workload.tunnel_protocol", Workload { tunnel_protocol: workload::TunnelProtocol::Hbone as i32, ..Default::default() }, 5, VARINT);
-    check("Workload.trust_domain", Workload { trust_domain: s(), ..Default::default() }, 6, LEN);
-    check("Workload.service_account", Workload { service_account: s(), ..Default::default() }, 7, LEN);
-    check("Workload.waypoint", Workload { waypoint: Some(GatewayAddress { hbone_mtls_port: 15008, ..Default::default() }), ..Default::default() }, 8, LEN);
-    check("Workload.network_gateway", Workload { network_gateway: Some(GatewayAddress { hbone_mtls_port: 15008, ..Default::default() }), ..Default::default() }, 19, LEN);
-    check("Workload.node", Workload { node: s(), ..Default::default() }, 9, LEN);
-    check("Workload.canonical_name", Workload { canonical_name: s(), ..Default::default() }, 10, LEN);
-    check("Workload.canonical_revision", Workload { canonical_revision: s(), ..Default::default() }, 11, LEN);
-    check("Workload.workload_type", Workload { workload_type: workload::WorkloadType::Pod as i32, ..Default::default() }, 12, VARINT);
-    check("Workload.workload_name", Workload { workload_name: s(), ..Default::default() }, 13, LEN);
-    check("Workload.native_tunnel", Workload { native_tunnel: true, ..Default::default() }, 14, VARINT);
-    check("Workload.application_tunnel", Workload { application_tunnel: Some(workload::ApplicationTunnel { protocol: 1, port: 15088 }), ..Default::default() }, 23, LEN);
-    check("Workload.services", Workload { services: [("ns/h".to_string(), workload::PortList::default())].into(), ..Default::default() }, 22, LEN);
-    check("Workload.authorization_policies", Workload { authorization_policies: vec![s()], ..Default::default() }, 16, LEN);
-    check("Workload.status", Workload { status: workload::WorkloadStatus::Unhealthy as i32, ..Default::default() }, 17, VARINT);
-    check("Workload.cluster_id", Workload { cluster_id: s(), ..Default::default() }, 18, LEN);
-    check("Workload.locality", Workload { locality: Some(workload::Locality { region: s(), ..Default::default() }), ..Default::default() }, 24, LEN);
-    check("Workload.network_mode", Workload { network_mode: workload::NetworkMode::HostNetwork as i32, ..Default::default() }, 25, VARINT);
-    check("Workload.capacity", Workload { capacity: Some(3), ..Default::default() }, 27, LEN);
+    check(
+        "Workload.uid",
+        Workload {
+            uid: s(),
+            ..Default::default()
+        },
+        20,
+        LEN,
+    );
+    check(
+        "Workload.name",
+        Workload {
+            name: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "Workload.namespace",
+        Workload {
+            namespace: s(),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Workload.addresses",
+        Workload {
+            addresses: vec![vec![10, 0, 0, 1]],
+            ..Default::default()
+        },
+        3,
+        LEN,
+    );
+    check(
+        "Workload.hostname",
+        Workload {
+            hostname: s(),
+            ..Default::default()
+        },
+        21,
+        LEN,
+    );
+    check(
+        "Workload.network",
+        Workload {
+            network: s(),
+            ..Default::default()
+        },
+        4,
+        LEN,
+    );
+    check(
+        "Workload.tunnel_protocol",
+        Workload {
+            tunnel_protocol: workload::TunnelProtocol::Hbone as i32,
+            ..Default::default()
+        },
+        5,
+        VARINT,
+    );
+    check(
+        "Workload.trust_domain",
+        Workload {
+            trust_domain: s(),
+            ..Default::default()
+        },
+        6,
+        LEN,
+    );
+    check(
+        "Workload.service_account",
+        Workload {
+            service_account: s(),
+            ..Default::default()
+        },
+        7,
+        LEN,
+    );
+    check(
+        "Workload.waypoint",
+        Workload {
+            waypoint: Some(GatewayAddress {
+                hbone_mtls_port: 15008,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        8,
+        LEN,
+    );
+    check(
+        "Workload.network_gateway",
+        Workload {
+            network_gateway: Some(GatewayAddress {
+                hbone_mtls_port: 15008,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        19,
+        LEN,
+    );
+    check(
+        "Workload.node",
+        Workload {
+            node: s(),
+            ..Default::default()
+        },
+        9,
+        LEN,
+    );
+    check(
+        "Workload.canonical_name",
+        Workload {
+            canonical_name: s(),
+            ..Default::default()
+        },
+        10,
+        LEN,
+    );
+    check(
+        "Workload.canonical_revision",
+        Workload {
+            canonical_revision: s(),
+            ..Default::default()
+        },
+        11,
+        LEN,
+    );
+    check(
+        "Workload.workload_type",
+        Workload {
+            workload_type: workload::WorkloadType::Pod as i32,
+            ..Default::default()
+        },
+        12,
+        VARINT,
+    );
+    check(
+        "Workload.workload_name",
+        Workload {
+            workload_name: s(),
+            ..Default::default()
+        },
+        13,
+        LEN,
+    );
+    check(
+        "Workload.native_tunnel",
+        Workload {
+            native_tunnel: true,
+            ..Default::default()
+        },
+        14,
+        VARINT,
+    );
+    check(
+        "Workload.application_tunnel",
+        Workload {
+            application_tunnel: Some(workload::ApplicationTunnel {
+                protocol: 1,
+                port: 15088,
+            }),
+            ..Default::default()
+        },
+        23,
+        LEN,
+    );
+    check(
+        "Workload.services",
+        Workload {
+            services: [("ns/h".to_string(), workload::PortList::default())].into(),
+            ..Default::default()
+        },
+        22,
+        LEN,
+    );
+    check(
+        "Workload.authorization_policies",
+        Workload {
+            authorization_policies: vec![s()],
+            ..Default::default()
+        },
+        16,
+        LEN,
+    );
+    check(
+        "Workload.status",
+        Workload {
+            status: workload::WorkloadStatus::Unhealthy as i32,
+            ..Default::default()
+        },
+        17,
+        VARINT,
+    );
+    check(
+        "Workload.cluster_id",
+        Workload {
+            cluster_id: s(),
+            ..Default::default()
+        },
+        18,
+        LEN,
+    );
+    check(
+        "Workload.locality",
+        Workload {
+            locality: Some(workload::Locality {
+                region: s(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        24,
+        LEN,
+    );
+    check(
+        "Workload.network_mode",
+        Workload {
+            network_mode: workload::NetworkMode::HostNetwork as i32,
+            ..Default::default()
+        },
+        25,
+        VARINT,
+    );
+    check(
+        "Workload.capacity",
+        Workload {
+            capacity: Some(3),
+            ..Default::default()
+        },
+        27,
+        LEN,
+    );
 }
 
 #[test]
 fn service_and_address_fields() {
     let s = || "x".to_string();
-    check("Service.name", Service { name: s(), ..Default::default() }, 1, LEN);
-    check("Service.namespace", Service { namespace: s(), ..Default::default() }, 2, LEN);
-    check("Service.hostname", Service { hostname: s(), ..Default::default() }, 3, LEN);
-    check("Service.addresses", Service { addresses: vec![NetworkAddress::default()], ..Default::default() }, 4, LEN);
-    check("Service.ports", Service { ports: vec![Port::default()], ..Default::default() }, 5, LEN);
-    check("Service.subject_alt_names", Service { subject_alt_names: vec![s()], ..Default::default() }, 6, LEN);
-    check("Service.waypoint", Service { waypoint: Some(GatewayAddress::default()), ..Default::default() }, 7, LEN);
-    check("Service.load_balancing", Service { load_balancing: Some(workload::LoadBalancing::default()), ..Default::default() }, 8, LEN);
-    check("Service.ip_families", Service { ip_families: workload::IpFamilies::Dual as i32, ..Default::default() }, 9, VARINT);
-    check("Service.canonical", Service { canonical: true, ..Default::default() }, 11, VARINT);
-    check("Service.ingress_use_waypoint", Service { ingress_use_waypoint: true, ..Default::default() }, 12, VARINT);
-    check("Service.weighted_waypoints", Service { weighted_waypoints: vec![workload::WeightedWaypoint::default()], ..Default::default() }, 13, LEN);
-    check("Service.visibility", Service { visibility: 1, ..Default::default() }, 14, VARINT);
-    check("Address.workload", Address { r#type: Some(workload::address::Type::Workload(Workload::default())) }, 1, LEN);
-    check("Address.service", Address { r#type: Some(workload::address::Type::Service(Service::default())) }, 2, LEN);
-    check("Port.service_port", Port { service_port: 80, ..Default::default() }, 1, VARINT);
-    check("Port.target_port", Port { target_port: 80, ..Default::default() }, 2, VARINT);
-    check("Port.app_protocol", Port { app_protocol: workload::AppProtocol::Http11 as i32, ..Default::default() }, 3, VARINT);
-    check("NetworkAddress.network", NetworkAddress { network: s(), ..Default::default() }, 1, LEN);
-    check("NetworkAddress.address", NetworkAddress { address: vec![1, 2, 3, 4], ..Default::default() }, 2, LEN);
-    check("NetworkAddress.length", NetworkAddress { length: Some(24), ..Default::default() }, 3, VARINT);
-    check("GatewayAddress.hostname", GatewayAddress { destination: Some(workload::gateway_address::Destination::Hostname(workload::NamespacedHostname { namespace: s(), hostname: s() })), ..Default::default() }, 1, LEN);
-    check("GatewayAddress.address", GatewayAddress { destination: Some(workload::gateway_address::Destination::Address(NetworkAddress::default())), ..Default::default() }, 2, LEN);
-    check("GatewayAddress.hbone_mtls_port", GatewayAddress { hbone_mtls_port: 15008, ..Default::default() }, 3, VARINT);
+    check(
+        "Service.name",
+        Service {
+            name: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "Service.namespace",
+        Service {
+            namespace: s(),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Service.hostname",
+        Service {
+            hostname: s(),
+            ..Default::default()
+        },
+        3,
+        LEN,
+    );
+    check(
+        "Service.addresses",
+        Service {
+            addresses: vec![NetworkAddress::default()],
+            ..Default::default()
+        },
+        4,
+        LEN,
+    );
+    check(
+        "Service.ports",
+        Service {
+            ports: vec![Port::default()],
+            ..Default::default()
+        },
+        5,
+        LEN,
+    );
+    check(
+        "Service.subject_alt_names",
+        Service {
+            subject_alt_names: vec![s()],
+            ..Default::default()
+        },
+        6,
+        LEN,
+    );
+    check(
+        "Service.waypoint",
+        Service {
+            waypoint: Some(GatewayAddress::default()),
+            ..Default::default()
+        },
+        7,
+        LEN,
+    );
+    check(
+        "Service.load_balancing",
+        Service {
+            load_balancing: Some(workload::LoadBalancing::default()),
+            ..Default::default()
+        },
+        8,
+        LEN,
+    );
+    check(
+        "Service.ip_families",
+        Service {
+            ip_families: workload::IpFamilies::Dual as i32,
+            ..Default::default()
+        },
+        9,
+        VARINT,
+    );
+    check(
+        "Service.canonical",
+        Service {
+            canonical: true,
+            ..Default::default()
+        },
+        11,
+        VARINT,
+    );
+    check(
+        "Service.ingress_use_waypoint",
+        Service {
+            ingress_use_waypoint: true,
+            ..Default::default()
+        },
+        12,
+        VARINT,
+    );
+    check(
+        "Service.weighted_waypoints",
+        Service {
+            weighted_waypoints: vec![workload::WeightedWaypoint::default()],
+            ..Default::default()
+        },
+        13,
+        LEN,
+    );
+    check(
+        "Service.visibility",
+        Service {
+            visibility: 1,
+            ..Default::default()
+        },
+        14,
+        VARINT,
+    );
+    check(
+        "Address.workload",
+        Address {
+            r#type: Some(workload::address::Type::Workload(Workload::default())),
+        },
+        1,
+        LEN,
+    );
+    check(
+        "Address.service",
+        Address {
+            r#type: Some(workload::address::Type::Service(Service::default())),
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Port.service_port",
+        Port {
+            service_port: 80,
+            ..Default::default()
+        },
+        1,
+        VARINT,
+    );
+    check(
+        "Port.target_port",
+        Port {
+            target_port: 80,
+            ..Default::default()
+        },
+        2,
+        VARINT,
+    );
+    check(
+        "Port.app_protocol",
+        Port {
+            app_protocol: workload::AppProtocol::Http11 as i32,
+            ..Default::default()
+        },
+        3,
+        VARINT,
+    );
+    check(
+        "NetworkAddress.network",
+        NetworkAddress {
+            network: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "NetworkAddress.address",
+        NetworkAddress {
+            address: vec![1, 2, 3, 4],
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "NetworkAddress.length",
+        NetworkAddress {
+            length: Some(24),
+            ..Default::default()
+        },
+        3,
+        VARINT,
+    );
+    check(
+        "GatewayAddress.hostname",
+        GatewayAddress {
+            destination: Some(workload::gateway_address::Destination::Hostname(
+                workload::NamespacedHostname {
+                    namespace: s(),
+                    hostname: s(),
+                },
+            )),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "GatewayAddress.address",
+        GatewayAddress {
+            destination: Some(workload::gateway_address::Destination::Address(
+                NetworkAddress::default(),
+            )),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "GatewayAddress.hbone_mtls_port",
+        GatewayAddress {
+            hbone_mtls_port: 15008,
+            ..Default::default()
+        },
+        3,
+        VARINT,
+    );
     // Enum values are part of the wire format too.
     assert_eq!(workload::TunnelProtocol::Hbone as i32, 1);
     assert_eq!(workload::WorkloadStatus::Unhealthy as i32, 1);
@@ -94,34 +509,229 @@ fn service_and_address_fields() {
 #[test]
 fn authorization_fields() {
     let s = || "x".to_string();
-    let sm = || StringMatch { match_type: Some(security::string_match::MatchType::Exact(s())) };
-    let addr = || security::Address { address: vec![10, 0, 0, 0], length: 8 };
-    check("Authorization.name", Authorization { name: s(), ..Default::default() }, 1, LEN);
-    check("Authorization.namespace", Authorization { namespace: s(), ..Default::default() }, 2, LEN);
-    check("Authorization.scope", Authorization { scope: security::Scope::WorkloadSelector as i32, ..Default::default() }, 3, VARINT);
-    check("Authorization.action", Authorization { action: security::Action::Deny as i32, ..Default::default() }, 4, VARINT);
-    check("Authorization.rules", Authorization { rules: vec![Rule::default()], ..Default::default() }, 5, LEN);
-    check("Authorization.dry_run", Authorization { dry_run: true, ..Default::default() }, 6, VARINT);
-    check("Rule.clauses", Rule { clauses: vec![Clause::default()] }, 1, LEN);
-    check("Clause.matches", Clause { matches: vec![Match::default()] }, 2, LEN);
-    check("Match.namespaces", Match { namespaces: vec![sm()], ..Default::default() }, 1, LEN);
-    check("Match.not_namespaces", Match { not_namespaces: vec![sm()], ..Default::default() }, 2, LEN);
-    check("Match.principals", Match { principals: vec![sm()], ..Default::default() }, 3, LEN);
-    check("Match.not_principals", Match { not_principals: vec![sm()], ..Default::default() }, 4, LEN);
-    check("Match.source_ips", Match { source_ips: vec![addr()], ..Default::default() }, 5, LEN);
-    check("Match.not_source_ips", Match { not_source_ips: vec![addr()], ..Default::default() }, 6, LEN);
-    check("Match.destination_ips", Match { destination_ips: vec![addr()], ..Default::default() }, 7, LEN);
-    check("Match.not_destination_ips", Match { not_destination_ips: vec![addr()], ..Default::default() }, 8, LEN);
-    check("Match.destination_ports", Match { destination_ports: vec![80], ..Default::default() }, 9, LEN);
-    check("Match.not_destination_ports", Match { not_destination_ports: vec![80], ..Default::default() }, 10, LEN);
-    check("Match.service_accounts", Match { service_accounts: vec![security::ServiceAccountMatch { namespace: s(), service_account: s() }], ..Default::default() }, 11, LEN);
-    check("Match.not_service_accounts", Match { not_service_accounts: vec![security::ServiceAccountMatch::default()], ..Default::default() }, 12, LEN);
+    let sm = || StringMatch {
+        match_type: Some(security::string_match::MatchType::Exact(s())),
+    };
+    let addr = || security::Address {
+        address: vec![10, 0, 0, 0],
+        length: 8,
+    };
+    check(
+        "Authorization.name",
+        Authorization {
+            name: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "Authorization.namespace",
+        Authorization {
+            namespace: s(),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Authorization.scope",
+        Authorization {
+            scope: security::Scope::WorkloadSelector as i32,
+            ..Default::default()
+        },
+        3,
+        VARINT,
+    );
+    check(
+        "Authorization.action",
+        Authorization {
+            action: security::Action::Deny as i32,
+            ..Default::default()
+        },
+        4,
+        VARINT,
+    );
+    check(
+        "Authorization.rules",
+        Authorization {
+            rules: vec![Rule::default()],
+            ..Default::default()
+        },
+        5,
+        LEN,
+    );
+    check(
+        "Authorization.dry_run",
+        Authorization {
+            dry_run: true,
+            ..Default::default()
+        },
+        6,
+        VARINT,
+    );
+    check(
+        "Rule.clauses",
+        Rule {
+            clauses: vec![Clause::default()],
+        },
+        1,
+        LEN,
+    );
+    check(
+        "Clause.matches",
+        Clause {
+            matches: vec![Match::default()],
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Match.namespaces",
+        Match {
+            namespaces: vec![sm()],
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "Match.not_namespaces",
+        Match {
+            not_namespaces: vec![sm()],
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Match.principals",
+        Match {
+            principals: vec![sm()],
+            ..Default::default()
+        },
+        3,
+        LEN,
+    );
+    check(
+        "Match.not_principals",
+        Match {
+            not_principals: vec![sm()],
+            ..Default::default()
+        },
+        4,
+        LEN,
+    );
+    check(
+        "Match.source_ips",
+        Match {
+            source_ips: vec![addr()],
+            ..Default::default()
+        },
+        5,
+        LEN,
+    );
+    check(
+        "Match.not_source_ips",
+        Match {
+            not_source_ips: vec![addr()],
+            ..Default::default()
+        },
+        6,
+        LEN,
+    );
+    check(
+        "Match.destination_ips",
+        Match {
+            destination_ips: vec![addr()],
+            ..Default::default()
+        },
+        7,
+        LEN,
+    );
+    check(
+        "Match.not_destination_ips",
+        Match {
+            not_destination_ips: vec![addr()],
+            ..Default::default()
+        },
+        8,
+        LEN,
+    );
+    check(
+        "Match.destination_ports",
+        Match {
+            destination_ports: vec![80],
+            ..Default::default()
+        },
+        9,
+        LEN,
+    );
+    check(
+        "Match.not_destination_ports",
+        Match {
+            not_destination_ports: vec![80],
+            ..Default::default()
+        },
+        10,
+        LEN,
+    );
+    check(
+        "Match.service_accounts",
+        Match {
+            service_accounts: vec![security::ServiceAccountMatch {
+                namespace: s(),
+                service_account: s(),
+            }],
+            ..Default::default()
+        },
+        11,
+        LEN,
+    );
+    check(
+        "Match.not_service_accounts",
+        Match {
+            not_service_accounts: vec![security::ServiceAccountMatch::default()],
+            ..Default::default()
+        },
+        12,
+        LEN,
+    );
     check("StringMatch.exact", sm(), 1, LEN);
-    check("StringMatch.prefix", StringMatch { match_type: Some(security::string_match::MatchType::Prefix(s())) }, 2, LEN);
-    check("StringMatch.suffix", StringMatch { match_type: Some(security::string_match::MatchType::Suffix(s())) }, 3, LEN);
-    check("StringMatch.presence", StringMatch { match_type: Some(security::string_match::MatchType::Presence(())) }, 4, LEN);
+    check(
+        "StringMatch.prefix",
+        StringMatch {
+            match_type: Some(security::string_match::MatchType::Prefix(s())),
+        },
+        2,
+        LEN,
+    );
+    check(
+        "StringMatch.suffix",
+        StringMatch {
+            match_type: Some(security::string_match::MatchType::Suffix(s())),
+        },
+        3,
+        LEN,
+    );
+    check(
+        "StringMatch.presence",
+        StringMatch {
+            match_type: Some(security::string_match::MatchType::Presence(())),
+        },
+        4,
+        LEN,
+    );
     check("Address.address", addr(), 1, LEN);
-    check("Address.length", security::Address { address: vec![], length: 8 }, 2, VARINT);
+    check(
+        "Address.length",
+        security::Address {
+            address: vec![],
+            length: 8,
+        },
+        2,
+        VARINT,
+    );
     assert_eq!(security::Action::Deny as i32, 1);
     assert_eq!(security::Scope::WorkloadSelector as i32, 2);
 }
@@ -129,30 +739,227 @@ fn authorization_fields() {
 #[test]
 fn discovery_and_ca_fields() {
     let s = || "x".to_string();
-    check("DeltaDiscoveryRequest.node", DeltaDiscoveryRequest { node: Some(Node { id: s(), ..Default::default() }), ..Default::default() }, 1, LEN);
-    check("DeltaDiscoveryRequest.type_url", DeltaDiscoveryRequest { type_url: s(), ..Default::default() }, 2, LEN);
-    check("DeltaDiscoveryRequest.resource_names_subscribe", DeltaDiscoveryRequest { resource_names_subscribe: vec![s()], ..Default::default() }, 3, LEN);
-    check("DeltaDiscoveryRequest.resource_names_unsubscribe", DeltaDiscoveryRequest { resource_names_unsubscribe: vec![s()], ..Default::default() }, 4, LEN);
-    check("DeltaDiscoveryRequest.initial_resource_versions", DeltaDiscoveryRequest { initial_resource_versions: [(s(), s())].into(), ..Default::default() }, 5, LEN);
-    check("DeltaDiscoveryRequest.response_nonce", DeltaDiscoveryRequest { response_nonce: s(), ..Default::default() }, 6, LEN);
-    check("DeltaDiscoveryRequest.error_detail", DeltaDiscoveryRequest { error_detail: Some(zmesh_proto::google::rpc::Status { code: 3, ..Default::default() }), ..Default::default() }, 7, LEN);
-    check("DeltaDiscoveryResponse.system_version_info", DeltaDiscoveryResponse { system_version_info: s(), ..Default::default() }, 1, LEN);
-    check("DeltaDiscoveryResponse.resources", DeltaDiscoveryResponse { resources: vec![Resource::default()], ..Default::default() }, 2, LEN);
-    check("DeltaDiscoveryResponse.type_url", DeltaDiscoveryResponse { type_url: s(), ..Default::default() }, 4, LEN);
-    check("DeltaDiscoveryResponse.nonce", DeltaDiscoveryResponse { nonce: s(), ..Default::default() }, 5, LEN);
-    check("DeltaDiscoveryResponse.removed_resources", DeltaDiscoveryResponse { removed_resources: vec![s()], ..Default::default() }, 6, LEN);
-    check("Resource.version", Resource { version: s(), ..Default::default() }, 1, LEN);
-    check("Resource.resource", Resource { resource: Some(prost_types::Any::default()), ..Default::default() }, 2, LEN);
-    check("Resource.name", Resource { name: s(), ..Default::default() }, 3, LEN);
-    check("Resource.aliases", Resource { aliases: vec![s()], ..Default::default() }, 4, LEN);
-    check("Resource.ttl", Resource { ttl: Some(prost_types::Duration::default()), ..Default::default() }, 6, LEN);
-    check("Node.id", Node { id: s(), ..Default::default() }, 1, LEN);
-    check("Node.cluster", Node { cluster: s(), ..Default::default() }, 2, LEN);
-    check("Node.metadata", Node { metadata: Some(prost_types::Struct::default()), ..Default::default() }, 3, LEN);
-    check("IstioCertificateRequest.csr", IstioCertificateRequest { csr: s(), ..Default::default() }, 1, LEN);
-    check("IstioCertificateRequest.validity_duration", IstioCertificateRequest { validity_duration: 60, ..Default::default() }, 3, VARINT);
-    check("IstioCertificateRequest.metadata", IstioCertificateRequest { metadata: Some(prost_types::Struct::default()), ..Default::default() }, 4, LEN);
-    check("IstioCertificateResponse.cert_chain", IstioCertificateResponse { cert_chain: vec![s()] }, 1, LEN);
+    check(
+        "DeltaDiscoveryRequest.node",
+        DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: s(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryRequest.type_url",
+        DeltaDiscoveryRequest {
+            type_url: s(),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryRequest.resource_names_subscribe",
+        DeltaDiscoveryRequest {
+            resource_names_subscribe: vec![s()],
+            ..Default::default()
+        },
+        3,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryRequest.resource_names_unsubscribe",
+        DeltaDiscoveryRequest {
+            resource_names_unsubscribe: vec![s()],
+            ..Default::default()
+        },
+        4,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryRequest.initial_resource_versions",
+        DeltaDiscoveryRequest {
+            initial_resource_versions: [(s(), s())].into(),
+            ..Default::default()
+        },
+        5,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryRequest.response_nonce",
+        DeltaDiscoveryRequest {
+            response_nonce: s(),
+            ..Default::default()
+        },
+        6,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryRequest.error_detail",
+        DeltaDiscoveryRequest {
+            error_detail: Some(zmesh_proto::google::rpc::Status {
+                code: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        7,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryResponse.system_version_info",
+        DeltaDiscoveryResponse {
+            system_version_info: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryResponse.resources",
+        DeltaDiscoveryResponse {
+            resources: vec![Resource::default()],
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryResponse.type_url",
+        DeltaDiscoveryResponse {
+            type_url: s(),
+            ..Default::default()
+        },
+        4,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryResponse.nonce",
+        DeltaDiscoveryResponse {
+            nonce: s(),
+            ..Default::default()
+        },
+        5,
+        LEN,
+    );
+    check(
+        "DeltaDiscoveryResponse.removed_resources",
+        DeltaDiscoveryResponse {
+            removed_resources: vec![s()],
+            ..Default::default()
+        },
+        6,
+        LEN,
+    );
+    check(
+        "Resource.version",
+        Resource {
+            version: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "Resource.resource",
+        Resource {
+            resource: Some(prost_types::Any::default()),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Resource.name",
+        Resource {
+            name: s(),
+            ..Default::default()
+        },
+        3,
+        LEN,
+    );
+    check(
+        "Resource.aliases",
+        Resource {
+            aliases: vec![s()],
+            ..Default::default()
+        },
+        4,
+        LEN,
+    );
+    check(
+        "Resource.ttl",
+        Resource {
+            ttl: Some(prost_types::Duration::default()),
+            ..Default::default()
+        },
+        6,
+        LEN,
+    );
+    check(
+        "Node.id",
+        Node {
+            id: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "Node.cluster",
+        Node {
+            cluster: s(),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Node.metadata",
+        Node {
+            metadata: Some(prost_types::Struct::default()),
+            ..Default::default()
+        },
+        3,
+        LEN,
+    );
+    check(
+        "IstioCertificateRequest.csr",
+        IstioCertificateRequest {
+            csr: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "IstioCertificateRequest.validity_duration",
+        IstioCertificateRequest {
+            validity_duration: 60,
+            ..Default::default()
+        },
+        3,
+        VARINT,
+    );
+    check(
+        "IstioCertificateRequest.metadata",
+        IstioCertificateRequest {
+            metadata: Some(prost_types::Struct::default()),
+            ..Default::default()
+        },
+        4,
+        LEN,
+    );
+    check(
+        "IstioCertificateResponse.cert_chain",
+        IstioCertificateResponse {
+            cert_chain: vec![s()],
+        },
+        1,
+        LEN,
+    );
 }
 
 #[test]

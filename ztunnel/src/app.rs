@@ -143,10 +143,23 @@ impl Ztunnel {
 
         // Our own listener ports, whatever they were configured to, plus Istio's defaults:
         // a CONNECT or capture to one of them would loop.
-        let mut illegal: HashSet<u16> = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, SOCKS5_PORT]
-            .into_iter()
-            .collect();
-        for a in [addrs.outbound, addrs.inbound_plaintext, addrs.hbone, addrs.socks5].into_iter().flatten() {
+        let mut illegal: HashSet<u16> = [
+            OUTBOUND_PORT,
+            INBOUND_PLAINTEXT_PORT,
+            HBONE_PORT,
+            SOCKS5_PORT,
+        ]
+        .into_iter()
+        .collect();
+        for a in [
+            addrs.outbound,
+            addrs.inbound_plaintext,
+            addrs.hbone,
+            addrs.socks5,
+        ]
+        .into_iter()
+        .flatten()
+        {
             illegal.insert(a.port());
         }
 
@@ -185,15 +198,16 @@ impl Ztunnel {
             }
         });
         tokio::spawn(track_local_certificates(pi.clone(), servers.clone()));
-        tokio::spawn(
-            pi.connections
-                .clone()
-                .watch(state.clone(), servers.clone()),
-        );
+        tokio::spawn(pi.connections.clone().watch(state.clone(), servers.clone()));
 
         // Data plane.
         let inbound: Arc<dyn server::ConnectHandler> = Arc::new(Inbound { pi: pi.clone() });
-        tokio::spawn(server::serve(hbone_l, cfg.h2.clone(), inbound, drain.clone()));
+        tokio::spawn(server::serve(
+            hbone_l,
+            cfg.h2.clone(),
+            inbound,
+            drain.clone(),
+        ));
         if let Some(l) = outbound_l {
             tokio::spawn(outbound::serve(pi.clone(), l));
         }
@@ -223,7 +237,11 @@ impl Ztunnel {
             tokio::spawn(admin::serve_metrics(l, metrics.clone(), servers.clone()));
         }
         if let Some(l) = ready_l {
-            tokio::spawn(admin::serve_readiness(l, readiness.clone(), servers.clone()));
+            tokio::spawn(admin::serve_readiness(
+                l,
+                readiness.clone(),
+                servers.clone(),
+            ));
         }
         info!(node = %cfg.node, ?addrs, "ztunnel started");
         Ok(Ztunnel {

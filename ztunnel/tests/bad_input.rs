@@ -14,7 +14,10 @@ use tokio::net::TcpStream;
 async fn h2_to_b(mesh: &Mesh) -> h2::client::SendRequest<bytes::Bytes> {
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
-    let cert = mesh.ca.issue(&CLIENT_ID.parse().unwrap(), now - hour, now + hour).unwrap();
+    let cert = mesh
+        .ca
+        .issue(&CLIENT_ID.parse().unwrap(), now - hour, now + hour)
+        .unwrap();
     let cfg = cert.client_config(&[ECHO_ID.parse().unwrap()]).unwrap();
     let hbone = SocketAddr::new(ip(ECHO_IP), mesh.b.addrs.hbone.unwrap().port());
     let tcp = TcpStream::connect(hbone).await.unwrap();
@@ -28,29 +31,44 @@ async fn h2_to_b(mesh: &Mesh) -> h2::client::SendRequest<bytes::Bytes> {
 }
 
 /// Status of a request, or None when the stream/connection was reset instead.
-async fn status(send: &mut h2::client::SendRequest<bytes::Bytes>, req: http::Request<()>) -> Option<u16> {
+async fn status(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+) -> Option<u16> {
     let fut = async {
         let mut ready = send.clone().ready().await.ok()?;
         let (resp, _) = ready.send_request(req, true).ok()?;
         Some(resp.await.ok()?.status().as_u16())
     };
-    tokio::time::timeout(Duration::from_secs(10), fut).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .ok()
+        .flatten()
 }
 
 fn connect_req(authority: &str) -> http::Request<()> {
-    http::Request::builder().method("CONNECT").uri(authority).body(()).unwrap()
+    http::Request::builder()
+        .method("CONNECT")
+        .uri(authority)
+        .body(())
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hbone_request_validation() {
     let mesh = Mesh::start("").await;
     let socks = mesh.a.addrs.socks5.unwrap();
-    let mut good = socks_connect(socks, ip(CLIENT_IP), mesh.echo).await.unwrap();
+    let mut good = socks_connect(socks, ip(CLIENT_IP), mesh.echo)
+        .await
+        .unwrap();
     roundtrip(&mut good, b"before").await.unwrap();
 
     let mut send = h2_to_b(&mesh).await;
     // Control: a well-formed CONNECT is accepted.
-    assert_eq!(status(&mut send, connect_req(&mesh.echo.to_string())).await, Some(200));
+    assert_eq!(
+        status(&mut send, connect_req(&mesh.echo.to_string())).await,
+        Some(200)
+    );
     // Not CONNECT.
     let get = http::Request::builder()
         .method("GET")
@@ -71,7 +89,10 @@ async fn hbone_request_validation() {
         );
     }
     // A destination that is not a workload on B's node.
-    assert_eq!(status(&mut send, connect_req("127.0.0.77:80")).await, Some(503));
+    assert_eq!(
+        status(&mut send, connect_req("127.0.0.77:80")).await,
+        Some(503)
+    );
 
     roundtrip(&mut good, b"after").await.unwrap();
 }
@@ -103,12 +124,17 @@ fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
 async fn one_mib_header_block_is_refused_without_harm() {
     let mesh = Mesh::start("").await;
     let socks = mesh.a.addrs.socks5.unwrap();
-    let mut good = socks_connect(socks, ip(CLIENT_IP), mesh.echo).await.unwrap();
+    let mut good = socks_connect(socks, ip(CLIENT_IP), mesh.echo)
+        .await
+        .unwrap();
 
     // Hand-built HTTP/2: the h2 client would refuse to send this itself.
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
-    let cert = mesh.ca.issue(&CLIENT_ID.parse().unwrap(), now - hour, now + hour).unwrap();
+    let cert = mesh
+        .ca
+        .issue(&CLIENT_ID.parse().unwrap(), now - hour, now + hour)
+        .unwrap();
     let cfg = cert.client_config(&[ECHO_ID.parse().unwrap()]).unwrap();
     let hbone = SocketAddr::new(ip(ECHO_IP), mesh.b.addrs.hbone.unwrap().port());
     let tcp = TcpStream::connect(hbone).await.unwrap();
@@ -157,7 +183,9 @@ async fn one_mib_header_block_is_refused_without_harm() {
     assert!(!accepted, "a 1 MiB header block must not open a tunnel");
 
     roundtrip(&mut good, b"still fine").await.unwrap();
-    let mut fresh = socks_connect(socks, ip(CLIENT_IP), mesh.echo).await.unwrap();
+    let mut fresh = socks_connect(socks, ip(CLIENT_IP), mesh.echo)
+        .await
+        .unwrap();
     roundtrip(&mut fresh, b"new ones too").await.unwrap();
 }
 
@@ -165,7 +193,9 @@ async fn one_mib_header_block_is_refused_without_harm() {
 async fn random_bytes_on_hbone_and_socks5_are_dropped() {
     let mesh = Mesh::start("").await;
     let socks = mesh.a.addrs.socks5.unwrap();
-    let mut good = socks_connect(socks, ip(CLIENT_IP), mesh.echo).await.unwrap();
+    let mut good = socks_connect(socks, ip(CLIENT_IP), mesh.echo)
+        .await
+        .unwrap();
     let hbone = SocketAddr::new(ip(ECHO_IP), mesh.b.addrs.hbone.unwrap().port());
     let mut seed = 0x9e37_79b9u32;
     let mut garbage = vec![0u8; 64 * 1024];
@@ -189,7 +219,10 @@ async fn random_bytes_on_hbone_and_socks5_are_dropped() {
                 }
             })
             .await;
-            assert!(r.is_ok(), "{target} must close a connection that sends garbage");
+            assert!(
+                r.is_ok(),
+                "{target} must close a connection that sends garbage"
+            );
         }
     }
     // SOCKS5 with a bad command / address type gets an error reply.
@@ -197,7 +230,9 @@ async fn random_bytes_on_hbone_and_socks5_are_dropped() {
     s.write_all(&[5, 1, 0]).await.unwrap();
     let mut r = [0u8; 2];
     s.read_exact(&mut r).await.unwrap();
-    s.write_all(&[5, 2, 0, 1, 127, 0, 0, 1, 0, 80]).await.unwrap(); // BIND
+    s.write_all(&[5, 2, 0, 1, 127, 0, 0, 1, 0, 80])
+        .await
+        .unwrap(); // BIND
     let mut rep = [0u8; 10];
     s.read_exact(&mut rep).await.unwrap();
     assert_eq!(rep[1], 0x07, "command not supported");

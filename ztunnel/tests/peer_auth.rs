@@ -32,33 +32,49 @@ async fn plaintext_to_echo(mesh: &Mesh) -> tokio::net::TcpStream {
 async fn permissive_accepts_plaintext() {
     let mesh = Mesh::start("").await;
     let mut c = plaintext_to_echo(&mesh).await;
-    roundtrip(&mut c, b"plaintext is fine under PERMISSIVE").await.unwrap();
+    roundtrip(&mut c, b"plaintext is fine under PERMISSIVE")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_refuses_plaintext_but_not_mtls() {
-    let mesh = Mesh::start(
-        "peerAuthentications:\n- {name: strict, namespace: server-ns, mode: STRICT}\n",
-    )
-    .await;
+    let mesh =
+        Mesh::start("peerAuthentications:\n- {name: strict, namespace: server-ns, mode: STRICT}\n")
+            .await;
     let mut c = plaintext_to_echo(&mesh).await;
     let mut buf = [0u8; 8];
-    let r = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.unwrap();
-    assert!(matches!(r, Ok(0) | Err(_)), "plaintext must be closed under STRICT, got {r:?}");
+    let r = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "plaintext must be closed under STRICT, got {r:?}"
+    );
     let text = mesh.b.metrics().encode();
     assert_eq!(
-        metric_value(&text, "istio_tcp_connections_failed_total", &[("reporter", "destination"), ("response_flags", "DENY")]),
+        metric_value(
+            &text,
+            "istio_tcp_connections_failed_total",
+            &[("reporter", "destination"), ("response_flags", "DENY")]
+        ),
         Some(1.0),
         "{text}"
     );
     // HBONE (mTLS) still works.
-    let mut s = socks_connect(mesh.a.addrs.socks5.unwrap(), ip(CLIENT_IP), mesh.echo).await.unwrap();
+    let mut s = socks_connect(mesh.a.addrs.socks5.unwrap(), ip(CLIENT_IP), mesh.echo)
+        .await
+        .unwrap();
     roundtrip(&mut s, b"mtls ok").await.unwrap();
 }
 
 /// Handshake with B's HBONE listener at the echo address using `cert`; returns whether a
 /// CONNECT got a 200.
-async fn raw_hbone(mesh: &Mesh, cert: zmesh_core::certs::WorkloadCertificate, expect: &str) -> bool {
+async fn raw_hbone(
+    mesh: &Mesh,
+    cert: zmesh_core::certs::WorkloadCertificate,
+    expect: &str,
+) -> bool {
     let hbone = SocketAddr::new(ip(ECHO_IP), mesh.b.addrs.hbone.unwrap().port());
     let cfg = cert.client_config(&[expect.parse().unwrap()]).unwrap();
     let tcp = tokio::net::TcpStream::connect(hbone).await.unwrap();
@@ -87,7 +103,10 @@ fn tls_failures(mesh: &Mesh) -> f64 {
     metric_value(
         &mesh.b.metrics().encode(),
         "istio_tcp_connections_failed_total",
-        &[("reporter", "destination"), ("response_flags", "TLS_FAILURE")],
+        &[
+            ("reporter", "destination"),
+            ("response_flags", "TLS_FAILURE"),
+        ],
     )
     .unwrap_or(0.0)
 }
@@ -99,8 +118,14 @@ async fn foreign_trust_domain_and_expired_client_certs_are_refused() {
     let hour = Duration::from_secs(3600);
 
     // Control: a good certificate from our CA works.
-    let good = mesh.ca.issue(&CLIENT_ID.parse().unwrap(), now - hour, now + hour).unwrap();
-    assert!(raw_hbone(&mesh, good, ECHO_ID).await, "a valid client certificate is accepted");
+    let good = mesh
+        .ca
+        .issue(&CLIENT_ID.parse().unwrap(), now - hour, now + hour)
+        .unwrap();
+    assert!(
+        raw_hbone(&mesh, good, ECHO_ID).await,
+        "a valid client certificate is accepted"
+    );
 
     // Same CA, but an identity in another trust domain.
     let foreign = Identity::new("evil.example", "client-ns", "client").unwrap();
@@ -109,7 +134,10 @@ async fn foreign_trust_domain_and_expired_client_certs_are_refused() {
     assert_eq!(tls_failures(&mesh), 1.0);
 
     // Expired client certificate.
-    let expired = mesh.ca.issue(&CLIENT_ID.parse().unwrap(), now - 2 * hour, now - hour).unwrap();
+    let expired = mesh
+        .ca
+        .issue(&CLIENT_ID.parse().unwrap(), now - 2 * hour, now - hour)
+        .unwrap();
     assert!(!raw_hbone(&mesh, expired, ECHO_ID).await);
     assert_eq!(tls_failures(&mesh), 2.0);
 }
@@ -118,14 +146,19 @@ async fn foreign_trust_domain_and_expired_client_certs_are_refused() {
 async fn unexpected_server_identity_fails_at_the_source() {
     let mesh = Mesh::start("").await;
     // A believes the echo workload runs as another service account than the one B presents.
-    let yaml = mesh_yaml(mesh.echo.port(), "").replace("serviceAccount: echo", "serviceAccount: impostor");
+    let yaml =
+        mesh_yaml(mesh.echo.port(), "").replace("serviceAccount: echo", "serviceAccount: impostor");
     let update = zmesh_core::state::LocalConfig::from_str(&yaml).unwrap();
     mesh.a.state().apply(update);
     let r = socks_connect(mesh.a.addrs.socks5.unwrap(), ip(CLIENT_IP), mesh.echo).await;
     assert!(r.is_err(), "the handshake must fail");
     let text = mesh.a.metrics().encode();
     assert_eq!(
-        metric_value(&text, "istio_tcp_connections_failed_total", &[("reporter", "source"), ("response_flags", "TLS_FAILURE")]),
+        metric_value(
+            &text,
+            "istio_tcp_connections_failed_total",
+            &[("reporter", "source"), ("response_flags", "TLS_FAILURE")]
+        ),
         Some(1.0),
         "{text}"
     );

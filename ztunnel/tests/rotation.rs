@@ -53,8 +53,14 @@ async fn rotation_during_a_30_second_transfer() {
     let sent = writer.await.unwrap();
     assert_eq!(got, sent);
     assert!(started.elapsed() >= Duration::from_secs(30));
-    let (ra, rb) = (mesh.a.certs().rotations() - rot_a, mesh.b.certs().rotations() - rot_b);
-    assert!(ra >= 5 && rb >= 5, "certificates rotated during the transfer (A {ra}, B {rb})");
+    let (ra, rb) = (
+        mesh.a.certs().rotations() - rot_a,
+        mesh.b.certs().rotations() - rot_b,
+    );
+    assert!(
+        ra >= 5 && rb >= 5,
+        "certificates rotated during the transfer (A {ra}, B {rb})"
+    );
     // New connections use the new certificates and work too.
     let mut fresh = socks_connect(mesh.a.addrs.socks5.unwrap(), ip(CLIENT_IP), mesh.echo)
         .await

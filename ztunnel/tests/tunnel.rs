@@ -14,7 +14,9 @@ async fn socks5_to_hbone_64mib_intact_with_identity_in_metrics_and_logs() {
     let logs = zmesh_core::telemetry::capture_access_logs();
     let mesh = Mesh::start("").await;
     let socks = mesh.a.addrs.socks5.unwrap();
-    let s = socks_connect(socks, ip(CLIENT_IP), mesh.echo).await.expect("tunnel opens");
+    let s = socks_connect(socks, ip(CLIENT_IP), mesh.echo)
+        .await
+        .expect("tunnel opens");
     let (mut r, mut w) = s.into_split();
 
     const TOTAL: usize = 64 * 1024 * 1024;
@@ -115,7 +117,9 @@ async fn thousand_concurrent_connections_share_at_most_ten_h2_connections() {
             let mut s = socks_connect(socks, ip(CLIENT_IP), echo)
                 .await
                 .unwrap_or_else(|code| panic!("connection {i} refused with {code}"));
-            let msg: Vec<u8> = (0..1024u32).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+            let msg: Vec<u8> = (0..1024u32)
+                .map(|j| (i.wrapping_mul(31) ^ j) as u8)
+                .collect();
             roundtrip(&mut s, &msg).await.unwrap();
             // Hold the connection until all are open so they are truly concurrent.
             s
@@ -133,7 +137,9 @@ async fn thousand_concurrent_connections_share_at_most_ten_h2_connections() {
     );
     // Every stream still works while all are open.
     for (i, s) in streams.iter_mut().enumerate().step_by(97) {
-        roundtrip(s, format!("still alive {i}").as_bytes()).await.unwrap();
+        roundtrip(s, format!("still alive {i}").as_bytes())
+            .await
+            .unwrap();
     }
 }
 
@@ -185,12 +191,20 @@ async fn unknown_destination_is_passed_through_in_plaintext() {
         .await
         .expect("passthrough opens");
     roundtrip(&mut s, b"plain").await.unwrap();
-    assert_eq!(mesh.a.pool().opened_total(), 0, "no HBONE for a non-mesh destination");
+    assert_eq!(
+        mesh.a.pool().opened_total(),
+        0,
+        "no HBONE for a non-mesh destination"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_source_is_refused() {
     let mesh = Mesh::start("").await;
     let r = socks_connect(mesh.a.addrs.socks5.unwrap(), ip("127.0.0.99"), mesh.echo).await;
-    assert_eq!(r.err(), Some(0x02), "a source that is not a local workload is not proxied");
+    assert_eq!(
+        r.err(),
+        Some(0x02),
+        "a source that is not a local workload is not proxied"
+    );
 }

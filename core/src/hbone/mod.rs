@@ -184,9 +184,7 @@ impl H2Stream {
                 Some(Ok(0)) => continue,
                 Some(Ok(n)) => {
                     let chunk = data.split_to(n.min(data.len()));
-                    self.send
-                        .send_data(chunk, false)
-                        .map_err(h2_io_error)?;
+                    self.send.send_data(chunk, false).map_err(h2_io_error)?;
                     return Poll::Ready(Ok(()));
                 }
             }

@@ -151,13 +151,18 @@ impl Pool {
             opened: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&inner);
-        let every = (inner.cfg.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let every =
+            (inner.cfg.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
         tokio::spawn(reap(weak, every));
         Pool { inner }
     }
 
     /// Open a tunnel to `req.authority` through the pooled connection for `key`.
-    pub async fn connect(&self, key: &WorkloadKey, req: ConnectRequest) -> Result<H2Stream, HboneError> {
+    pub async fn connect(
+        &self,
+        key: &WorkloadKey,
+        req: ConnectRequest,
+    ) -> Result<H2Stream, HboneError> {
         // One retry: a pooled connection may have been closed by the peer (GOAWAY) between
         // our check and our request.
         let mut tried_fresh = false;
@@ -185,7 +190,11 @@ impl Pool {
             .map(|e| {
                 e.conns
                     .lock()
-                    .map(|c| c.iter().filter(|c| !c.slots.closed.load(Ordering::Acquire)).count())
+                    .map(|c| {
+                        c.iter()
+                            .filter(|c| !c.slots.closed.load(Ordering::Acquire))
+                            .count()
+                    })
                     .unwrap_or(0)
             })
             .sum()
@@ -253,15 +262,15 @@ impl Pool {
     async fn open(&self, key: &WorkloadKey) -> Result<PooledConn, HboneError> {
         let cfg = &self.inner.cfg;
         let peer = key.dst;
-        let cert = self
-            .inner
-            .certs
-            .fetch(&key.src_id)
-            .await
-            .map_err(|e| HboneError::Certificate {
-                identity: key.src_id.to_string(),
-                reason: e.to_string(),
-            })?;
+        let cert =
+            self.inner
+                .certs
+                .fetch(&key.src_id)
+                .await
+                .map_err(|e| HboneError::Certificate {
+                    identity: key.src_id.to_string(),
+                    reason: e.to_string(),
+                })?;
         let tls_cfg = cert
             .client_config(&key.dst_id)
             .map_err(|e| HboneError::Certificate {

@@ -123,14 +123,25 @@ pub trait ConnectHandler: Send + Sync + 'static {
     async fn handle(&self, conn: Arc<ServerConn>, req: InboundRequest, responder: Responder);
 
     /// A connection that failed before any request (TLS or HTTP/2 handshake), for metrics.
-    fn handshake_failed(&self, peer: SocketAddr, local: SocketAddr, flag: &'static str, reason: &str);
+    fn handshake_failed(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        flag: &'static str,
+        reason: &str,
+    );
 
     /// Ports of the proxy's own listeners, which a CONNECT must never target (loops).
     fn is_illegal_port(&self, port: u16) -> bool;
 }
 
 /// Accept HBONE connections on `listener` until `drain` says stop.
-pub async fn serve(listener: TcpListener, cfg: H2Config, handler: Arc<dyn ConnectHandler>, drain: Drain) {
+pub async fn serve(
+    listener: TcpListener,
+    cfg: H2Config,
+    handler: Arc<dyn ConnectHandler>,
+    drain: Drain,
+) {
     let stop = drain.stopping();
     loop {
         let accepted = tokio::select! {
@@ -151,7 +162,9 @@ pub async fn serve(listener: TcpListener, cfg: H2Config, handler: Arc<dyn Connec
         let d = drain.clone();
         let id = next_connection_id();
         let span = info_span!("hbone_server", conn = id, %peer);
-        drain.spawn(async move { serve_conn(id, tcp, peer, cfg, handler, d).await }.instrument(span));
+        drain.spawn(
+            async move { serve_conn(id, tcp, peer, cfg, handler, d).await }.instrument(span),
+        );
     }
 }
 
@@ -229,7 +242,12 @@ async fn serve_conn(
             return;
         }
         Err(_) => {
-            handler.handshake_failed(peer, local, "H2_HANDSHAKE_FAILURE", "HTTP/2 handshake timed out");
+            handler.handshake_failed(
+                peer,
+                local,
+                "H2_HANDSHAKE_FAILURE",
+                "HTTP/2 handshake timed out",
+            );
             return;
         }
     };
@@ -322,9 +340,21 @@ mod tests {
         );
         assert_eq!(
             Target::parse("Reviews.default.svc.cluster.local:9080"),
-            Some(Target::Host("reviews.default.svc.cluster.local".into(), 9080))
+            Some(Target::Host(
+                "reviews.default.svc.cluster.local".into(),
+                9080
+            ))
         );
-        for bad in ["", "10.0.0.5", "10.0.0.5:", ":80", "a b:80", "host:99999", "host:0", "[::1]"] {
+        for bad in [
+            "",
+            "10.0.0.5",
+            "10.0.0.5:",
+            ":80",
+            "a b:80",
+            "host:99999",
+            "host:0",
+            "[::1]",
+        ] {
             assert_eq!(Target::parse(bad), None, "{bad}");
         }
     }

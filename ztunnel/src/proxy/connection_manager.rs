@@ -48,7 +48,12 @@ impl ConnectionManager {
         Arc::new(Self::default())
     }
 
-    pub fn track(self: &Arc<Self>, id: u64, attrs: ConnectionAttributes, dst_uid: String) -> TrackedConnection {
+    pub fn track(
+        self: &Arc<Self>,
+        id: u64,
+        attrs: ConnectionAttributes,
+        dst_uid: String,
+    ) -> TrackedConnection {
         let cancel = CancellationToken::new();
         if let Ok(mut c) = self.conns.lock() {
             c.insert(

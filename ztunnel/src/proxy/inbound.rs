@@ -58,7 +58,11 @@ fn response_baggage(w: &Workload) -> HeaderMap {
 
 impl Inbound {
     /// Resolve a `hostname:port` target to a local endpoint of that service.
-    fn resolve_host(&self, host: &str, port: u16) -> Option<(Arc<Workload>, SocketAddr, Arc<Service>)> {
+    fn resolve_host(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Option<(Arc<Workload>, SocketAddr, Arc<Service>)> {
         let state = self.pi.state.read();
         let svc = state.service_by_host(host)?;
         let (w, target_port) = state
@@ -101,15 +105,22 @@ impl ConnectHandler for Inbound {
             Target::Addr(a) => {
                 let Some(w) = pi.local_workload(a.ip()) else {
                     debug!(target = %a, "no such workload on this node");
-                    pi.metrics.tcp.record_failure(with_flags(
-                        traffic_labels(Reporter::Destination, None, conn.peer_identity.as_ref(), None, None, SecurityPolicy::MutualTls),
+                    pi.metrics.tcp.record_failure(&with_flags(
+                        traffic_labels(
+                            Reporter::Destination,
+                            None,
+                            conn.peer_identity.as_ref(),
+                            None,
+                            None,
+                            SecurityPolicy::MutualTls,
+                        ),
                         ResponseFlags::Connect,
                     ));
                     responder.reject(StatusCode::SERVICE_UNAVAILABLE);
                     return;
                 };
-                let svc = forwarded_host(&req.headers)
-                    .and_then(|h| pi.state.read().service_by_host(&h));
+                let svc =
+                    forwarded_host(&req.headers).and_then(|h| pi.state.read().service_by_host(&h));
                 (w, *a, svc)
             }
             Target::Host(h, p) => match self.resolve_host(h, *p) {
@@ -154,7 +165,7 @@ impl ConnectHandler for Inbound {
                 "connection denied by authorization policy: {policy}"
             );
             labels.response_flags = ResponseFlags::Deny;
-            pi.metrics.tcp.record_failure(labels);
+            pi.metrics.tcp.record_failure(&labels);
             AccessLog {
                 src_addr: Some(conn.peer),
                 src_identity: conn.peer_identity.as_ref().map(|i| i.to_string()),
@@ -183,7 +194,7 @@ impl ConnectHandler for Inbound {
             Err(e) => {
                 warn!("upstream connection to the local workload failed: {e}");
                 labels.response_flags = ResponseFlags::Connect;
-                pi.metrics.tcp.record_failure(labels);
+                pi.metrics.tcp.record_failure(&labels);
                 responder.reject(StatusCode::SERVICE_UNAVAILABLE);
                 return;
             }
@@ -195,7 +206,9 @@ impl ConnectHandler for Inbound {
                 return;
             }
         };
-        let tracked = pi.connections.track(next_connection_id(), attrs, dst.uid.clone());
+        let tracked = pi
+            .connections
+            .track(next_connection_id(), attrs, dst.uid.clone());
         let revoked = tracked.revoked();
         let force = pi.drain.force_close();
         let recorder = ConnectionRecorder::new(pi.metrics.clone(), labels);
@@ -235,7 +248,13 @@ impl ConnectHandler for Inbound {
         .emit();
     }
 
-    fn handshake_failed(&self, peer: SocketAddr, local: SocketAddr, flag: &'static str, reason: &str) {
+    fn handshake_failed(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        flag: &'static str,
+        reason: &str,
+    ) {
         debug!(%peer, %local, "HBONE handshake failed: {reason}");
         let dst = self.pi.local_workload(local.ip());
         let flags = match flag {
@@ -250,7 +269,10 @@ impl ConnectHandler for Inbound {
             None,
             SecurityPolicy::MutualTls,
         );
-        self.pi.metrics.tcp.record_failure(with_flags(labels, flags));
+        self.pi
+            .metrics
+            .tcp
+            .record_failure(&with_flags(labels, flags));
     }
 
     fn is_illegal_port(&self, port: u16) -> bool {
@@ -269,8 +291,14 @@ mod tests {
             "forwarded",
             HeaderValue::from_static("for=\"10.0.0.1:3456\";host=echo.default.svc.cluster.local"),
         );
-        assert_eq!(forwarded_host(&h).as_deref(), Some("echo.default.svc.cluster.local"));
-        h.insert("forwarded", HeaderValue::from_static("for=\"10.0.0.1:3456\""));
+        assert_eq!(
+            forwarded_host(&h).as_deref(),
+            Some("echo.default.svc.cluster.local")
+        );
+        h.insert(
+            "forwarded",
+            HeaderValue::from_static("for=\"10.0.0.1:3456\""),
+        );
         assert_eq!(forwarded_host(&h), None);
     }
 }

@@ -18,7 +18,12 @@ use zmesh_core::telemetry::AccessLog;
 use super::{ProxyInputs, traffic_labels};
 
 /// Handle one plaintext connection from `peer` addressed to `orig_dst`.
-pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAddr, orig_dst: SocketAddr) {
+pub async fn handle(
+    pi: Arc<ProxyInputs>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+) {
     let started = Instant::now();
     let span = info_span!("inbound_plaintext", src = %peer, dst = %orig_dst);
     async move {
@@ -48,7 +53,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
         if let Decision::Deny { policy } = pi.state.read().authorize(&dst, &attrs) {
             info!("plaintext connection denied by authorization policy: {policy}");
             labels.response_flags = ResponseFlags::Deny;
-            pi.metrics.tcp.record_failure(labels);
+            pi.metrics.tcp.record_failure(&labels);
             AccessLog {
                 src_addr: Some(peer),
                 dst_addr: Some(orig_dst),
@@ -72,7 +77,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
             Err(e) => {
                 warn!("connection to the local workload failed: {e}");
                 labels.response_flags = ResponseFlags::Connect;
-                pi.metrics.tcp.record_failure(labels);
+                pi.metrics.tcp.record_failure(&labels);
                 return;
             }
         };

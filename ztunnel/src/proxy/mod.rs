@@ -135,14 +135,18 @@ pub fn traffic_labels(
         source_workload: or_unknown(&src.map(|w| w.workload_name.clone()).unwrap_or_default()),
         source_canonical_service: or_unknown(&canonical(src)),
         source_canonical_revision: or_unknown(
-            &src.map(|w| w.canonical_revision.clone()).unwrap_or_default(),
+            &src.map(|w| w.canonical_revision.clone())
+                .unwrap_or_default(),
         ),
         source_workload_namespace: or_unknown(
             &src.map(|w| w.namespace.clone()).unwrap_or_default(),
         ),
         source_principal: or_unknown(&src_principal),
         source_app: or_unknown(&canonical(src)),
-        source_version: or_unknown(&src.map(|w| w.canonical_revision.clone()).unwrap_or_default()),
+        source_version: or_unknown(
+            &src.map(|w| w.canonical_revision.clone())
+                .unwrap_or_default(),
+        ),
         source_cluster: or_unknown(&src.map(|w| w.cluster_id.clone()).unwrap_or_default()),
         destination_service: or_unknown(&service.map(|s| s.hostname.clone()).unwrap_or_default()),
         destination_service_namespace: or_unknown(
@@ -152,7 +156,8 @@ pub fn traffic_labels(
         destination_workload: or_unknown(&dst.map(|w| w.workload_name.clone()).unwrap_or_default()),
         destination_canonical_service: or_unknown(&canonical(dst)),
         destination_canonical_revision: or_unknown(
-            &dst.map(|w| w.canonical_revision.clone()).unwrap_or_default(),
+            &dst.map(|w| w.canonical_revision.clone())
+                .unwrap_or_default(),
         ),
         destination_workload_namespace: or_unknown(
             &dst.map(|w| w.namespace.clone()).unwrap_or_default(),
@@ -162,7 +167,8 @@ pub fn traffic_labels(
         ),
         destination_app: or_unknown(&canonical(dst)),
         destination_version: or_unknown(
-            &dst.map(|w| w.canonical_revision.clone()).unwrap_or_default(),
+            &dst.map(|w| w.canonical_revision.clone())
+                .unwrap_or_default(),
         ),
         destination_cluster: or_unknown(&dst.map(|w| w.cluster_id.clone()).unwrap_or_default()),
         request_protocol: "tcp".to_string(),

@@ -220,8 +220,17 @@ pub async fn connect(
 ) -> Result<Established, OutboundError> {
     let id = next_connection_id();
     let Some(src) = pi.local_workload(src_addr.ip()) else {
-        let labels = traffic_labels(Reporter::Source, None, None, None, None, SecurityPolicy::Unknown);
-        pi.metrics.tcp.record_failure(with_flags(labels, ResponseFlags::IdentityError));
+        let labels = traffic_labels(
+            Reporter::Source,
+            None,
+            None,
+            None,
+            None,
+            SecurityPolicy::Unknown,
+        );
+        pi.metrics
+            .tcp
+            .record_failure(&with_flags(labels, ResponseFlags::IdentityError));
         return Err(OutboundError::UnknownSource(src_addr.ip()));
     };
     if pi.illegal_ports.contains(&orig_dst.port()) && pi.local_workload(orig_dst.ip()).is_some() {
@@ -230,9 +239,17 @@ pub async fn connect(
     let (plan, service) = match plan(pi, orig_dst) {
         Ok(p) => p,
         Err(e) => {
-            let labels =
-                traffic_labels(Reporter::Source, Some(&src), None, None, None, SecurityPolicy::Unknown);
-            pi.metrics.tcp.record_failure(with_flags(labels, e.response_flags()));
+            let labels = traffic_labels(
+                Reporter::Source,
+                Some(&src),
+                None,
+                None,
+                None,
+                SecurityPolicy::Unknown,
+            );
+            pi.metrics
+                .tcp
+                .record_failure(&with_flags(labels, e.response_flags()));
             return Err(e);
         }
     };
@@ -275,7 +292,9 @@ pub async fn connect(
                 }),
                 Err(e) => {
                     let e = OutboundError::Hbone(e);
-                    pi.metrics.tcp.record_failure(with_flags(labels, e.response_flags()));
+                    pi.metrics
+                        .tcp
+                        .record_failure(&with_flags(labels, e.response_flags()));
                     Err(e)
                 }
             }
@@ -307,7 +326,9 @@ pub async fn connect(
                     hbone_addr: None,
                 }),
                 Err(source) => {
-                    pi.metrics.tcp.record_failure(with_flags(labels, ResponseFlags::Connect));
+                    pi.metrics
+                        .tcp
+                        .record_failure(&with_flags(labels, ResponseFlags::Connect));
                     Err(OutboundError::Passthrough {
                         dst: dst_addr,
                         source,
@@ -392,7 +413,12 @@ async fn copy_until<A: BytesStream, B: BytesStream>(
 }
 
 /// Handle one captured connection whose original destination is `orig_dst`.
-pub async fn handle(pi: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr, orig_dst: SocketAddr) {
+pub async fn handle(
+    pi: Arc<ProxyInputs>,
+    client: TcpStream,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+) {
     let started = Instant::now();
     let span = info_span!("outbound", src = %peer, dst = %orig_dst);
     async move {

@@ -31,7 +31,9 @@ pub enum Socks5Error {
     Io(#[from] std::io::Error),
     #[error("not a SOCKS5 client (version byte {0:#04x})")]
     Version(u8),
-    #[error("SOCKS5 client offers no acceptable authentication method (only \"no authentication\" is supported)")]
+    #[error(
+        "SOCKS5 client offers no acceptable authentication method (only \"no authentication\" is supported)"
+    )]
     NoAcceptableAuth,
     #[error("SOCKS5 command {0:#04x} is not supported (only CONNECT)")]
     Command(u8),
@@ -110,9 +112,14 @@ async fn resolve(pi: &ProxyInputs, name: &str, port: u16) -> Result<SocketAddr, 
     if let Some(ip) = vip {
         return Ok(SocketAddr::new(ip, port));
     }
-    let lookup = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((name, port)));
+    let lookup = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host((name, port)),
+    );
     match lookup.await {
-        Ok(Ok(mut addrs)) => addrs.next().ok_or_else(|| Socks5Error::Resolve(name.into())),
+        Ok(Ok(mut addrs)) => addrs
+            .next()
+            .ok_or_else(|| Socks5Error::Resolve(name.into())),
         _ => Err(Socks5Error::Resolve(name.into())),
     }
 }
@@ -128,7 +135,9 @@ fn reply_code(e: &OutboundError) -> u8 {
     }
     match e {
         OutboundError::UnknownSource(_) | OutboundError::SelfCall(_) => REP_NOT_ALLOWED,
-        OutboundError::NoHealthyEndpoint { .. } | OutboundError::NoServicePort { .. } => REP_HOST_UNREACHABLE,
+        OutboundError::NoHealthyEndpoint { .. } | OutboundError::NoServicePort { .. } => {
+            REP_HOST_UNREACHABLE
+        }
         OutboundError::Passthrough { .. } => REP_CONNECTION_REFUSED,
         OutboundError::Hbone(_) => REP_GENERAL_FAILURE,
     }

@@ -149,9 +149,14 @@ impl Mesh {
             let update = LocalConfig::from_str(&yaml).expect("test YAML is valid");
             let ca = ca.clone();
             async move {
-                Ztunnel::start(cfg, Box::new(StaticSource(update)), Arc::new(InProcessCa(ca)), None)
-                    .await
-                    .expect("ztunnel starts")
+                Ztunnel::start(
+                    cfg,
+                    Box::new(StaticSource(update)),
+                    Arc::new(InProcessCa(ca)),
+                    None,
+                )
+                .await
+                .expect("ztunnel starts")
             }
         };
         let a = start("node-a", pa).await;
@@ -168,7 +173,9 @@ impl Mesh {
     /// Apply a config change to both ztunnels (as a control plane push would).
     pub fn apply_both(&self, yaml: &str) {
         for zt in [&self.a, &self.b] {
-            let update = LocalConfig::from_str(yaml).expect("valid YAML");
+            let mut update = LocalConfig::from_str(yaml).expect("valid YAML");
+            // A partial update, not a snapshot: keep the workloads.
+            update.replace_all = false;
             zt.state().apply(update);
         }
     }
@@ -176,7 +183,11 @@ impl Mesh {
 
 /// SOCKS5 CONNECT through `socks` from source address `src`; returns the stream or the
 /// server's reply code.
-pub async fn socks_connect(socks: SocketAddr, src: IpAddr, dst: SocketAddr) -> Result<TcpStream, u8> {
+pub async fn socks_connect(
+    socks: SocketAddr,
+    src: IpAddr,
+    dst: SocketAddr,
+) -> Result<TcpStream, u8> {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(src, 0)).unwrap();
     let mut s = sock.connect(socks).await.unwrap();
@@ -221,7 +232,11 @@ pub async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
 pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .reduce(|a, b| a + b)
 }
