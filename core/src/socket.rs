@@ -120,18 +120,18 @@ pub async fn connect(dst: SocketAddr, opts: &ConnectOptions) -> Result<TcpStream
             tracing::trace!(%dst, "SO_MARK not set: {e}");
         }
     }
-    if let Some(src) = opts.source {
-        if src.is_ipv4() == dst.is_ipv4() {
-            let s = SockRef::from(&sock);
-            // Best effort: local addresses (e.g. 127.0.0.0/8) bind without it.
-            let _ = if src.is_ipv6() {
-                s.set_ip_transparent_v6(true)
-            } else {
-                s.set_ip_transparent_v4(true)
-            };
-            sock.bind(SocketAddr::new(src, 0))
-                .map_err(|source| SocketError::BindSource { src, source })?;
-        }
+    if let Some(src) = opts.source
+        && src.is_ipv4() == dst.is_ipv4()
+    {
+        let s = SockRef::from(&sock);
+        // Best effort: local addresses (e.g. 127.0.0.0/8) bind without it.
+        let _ = if src.is_ipv6() {
+            s.set_ip_transparent_v6(true)
+        } else {
+            s.set_ip_transparent_v4(true)
+        };
+        sock.bind(SocketAddr::new(src, 0))
+            .map_err(|source| SocketError::BindSource { src, source })?;
     }
     let timeout = opts.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let stream = match tokio::time::timeout(timeout, sock.connect(dst)).await {

@@ -68,10 +68,10 @@ impl ConnSlots {
     }
 
     pub(crate) fn release(&self) {
-        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Ok(mut t) = self.idle_since.lock() {
-                *t = Instant::now();
-            }
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut t) = self.idle_since.lock()
+        {
+            *t = Instant::now();
         }
     }
 
@@ -228,15 +228,14 @@ impl Pool {
         }
         // Someone else just failed to connect while we waited: share their answer rather
         // than repeating a slow failure once per queued caller.
-        if let Ok(last) = entry.last_failure.lock() {
-            if let Some((at, reason)) = last.as_ref() {
-                if *at >= waited_since {
-                    return Err(HboneError::ConnectionClosed {
-                        peer: key.dst,
-                        reason: reason.clone(),
-                    });
-                }
-            }
+        if let Ok(last) = entry.last_failure.lock()
+            && let Some((at, reason)) = last.as_ref()
+            && *at >= waited_since
+        {
+            return Err(HboneError::ConnectionClosed {
+                peer: key.dst,
+                reason: reason.clone(),
+            });
         }
         match self.open(key).await {
             Ok(conn) => {
