@@ -1,0 +1,13 @@
+//! zmesh-controller: the small xDS control plane that ships with zmesh.
+//!
+//! Sources → [`store`] (raw Kubernetes objects) → [`translate`] (xDS resources) →
+//! [`xds`] (resource cache + Delta ADS server) → ztunnels and waypoints; [`ca`] signs workload
+//! certificates. [`controller`] wires it together, in-process (local use, tests, the demo) or
+//! as the `zmesh-controller` binary (the Kubernetes Deployment).
+
+pub mod ca;
+pub mod controller;
+pub mod sources;
+pub mod store;
+pub mod translate;
+pub mod xds;

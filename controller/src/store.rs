@@ -1,0 +1,211 @@
+//! The object store: every source (Kubernetes watches, a YAML directory) writes the objects it
+//! sees here, as raw JSON keyed by kind/namespace/name. Translation reads a snapshot and does not
+//! know which source an object came from.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+/// Identifies one Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// `Pod`, `Service`, `AuthorizationPolicy`, ... (the `kind` field).
+    pub kind: String,
+    /// Empty for cluster-scoped objects (Namespace).
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+impl ObjectKey {
+    pub fn new(kind: &str, namespace: &str, name: &str) -> Self {
+        ObjectKey {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Key of a raw object (`kind`, `metadata.namespace`, `metadata.name`), if it has them.
+    pub fn of(obj: &Value) -> Option<Self> {
+        let kind = obj.get("kind")?.as_str()?;
+        let meta = obj.get("metadata")?;
+        let name = meta.get("name")?.as_str()?;
+        let namespace = meta.get("namespace").and_then(Value::as_str).unwrap_or("");
+        Some(ObjectKey::new(kind, namespace, name))
+    }
+}
+
+/// An immutable view of all objects, as translation sees them.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    objects: BTreeMap<ObjectKey, Arc<Value>>,
+}
+
+impl Snapshot {
+    /// All objects of one kind, in key order (deterministic translation output).
+    pub fn of_kind<'a>(
+        &'a self,
+        kind: &'a str,
+    ) -> impl Iterator<Item = (&'a ObjectKey, &'a Value)> + 'a {
+        self.objects
+            .iter()
+            .filter(move |(k, _)| k.kind == kind)
+            .map(|(k, v)| (k, v.as_ref()))
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Option<&Value> {
+        self.objects.get(key).map(|v| v.as_ref())
+    }
+
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Build a snapshot directly (tests, golden files).
+    pub fn from_objects(objects: impl IntoIterator<Item = Value>) -> Self {
+        let mut s = Snapshot::default();
+        for o in objects {
+            if let Some(k) = ObjectKey::of(&o) {
+                s.objects.insert(k, Arc::new(o));
+            }
+        }
+        s
+    }
+}
+
+/// Shared, versioned object store. Writers are the sources; each change bumps a generation
+/// that the translation loop watches (and debounces).
+pub struct ObjectStore {
+    inner: RwLock<Snapshot>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for ObjectStore {
+    fn default() -> Self {
+        ObjectStore {
+            inner: RwLock::new(Snapshot::default()),
+            generation: watch::channel(0).0,
+        }
+    }
+}
+
+impl ObjectStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Insert or replace one object. Returns false (and changes nothing) when it is identical.
+    pub fn upsert(&self, key: ObjectKey, obj: Value) -> bool {
+        let mut s = self.write();
+        if s.objects.get(&key).is_some_and(|old| **old == obj) {
+            return false;
+        }
+        s.objects.insert(key, Arc::new(obj));
+        drop(s);
+        self.bump();
+        true
+    }
+
+    pub fn remove(&self, key: &ObjectKey) -> bool {
+        let removed = self.write().objects.remove(key).is_some();
+        if removed {
+            self.bump();
+        }
+        removed
+    }
+
+    /// Replace every object of the given kinds with `objects` (a full relist, or a reload of a
+    /// directory): objects of those kinds not in the list are removed.
+    pub fn replace_kinds(&self, kinds: &[&str], objects: Vec<(ObjectKey, Value)>) -> bool {
+        let mut s = self.write();
+        let before = s.objects.len();
+        let mut changed = false;
+        let fresh: BTreeMap<ObjectKey, Value> = objects.into_iter().collect();
+        s.objects
+            .retain(|k, _| !kinds.contains(&k.kind.as_str()) || fresh.contains_key(k));
+        changed |= s.objects.len() != before;
+        for (k, v) in fresh {
+            if s.objects.get(&k).is_some_and(|old| **old == v) {
+                continue;
+            }
+            s.objects.insert(k, Arc::new(v));
+            changed = true;
+        }
+        drop(s);
+        if changed {
+            self.bump();
+        }
+        changed
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Bumped on every change.
+    pub fn generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, ip: &str) -> Value {
+        json!({"kind": "Pod", "metadata": {"name": name, "namespace": "default"}, "status": {"podIP": ip}})
+    }
+
+    #[test]
+    fn upsert_remove_replace() {
+        let s = ObjectStore::new();
+        let rx = s.generation();
+        let k = ObjectKey::of(&pod("a", "10.0.0.1")).unwrap();
+        assert!(s.upsert(k.clone(), pod("a", "10.0.0.1")));
+        assert!(
+            !s.upsert(k.clone(), pod("a", "10.0.0.1")),
+            "identical is no change"
+        );
+        assert_eq!(*rx.borrow(), 1);
+        let ns = json!({"kind": "Namespace", "metadata": {"name": "default"}});
+        s.upsert(ObjectKey::of(&ns).unwrap(), ns);
+        // Relist of pods: a replaced by b; the namespace stays.
+        let b = pod("b", "10.0.0.2");
+        assert!(s.replace_kinds(&["Pod"], vec![(ObjectKey::of(&b).unwrap(), b)]));
+        let snap = s.snapshot();
+        assert_eq!(
+            snap.of_kind("Pod")
+                .map(|(k, _)| k.name.clone())
+                .collect::<Vec<_>>(),
+            vec!["b"]
+        );
+        assert_eq!(snap.of_kind("Namespace").count(), 1);
+        assert!(s.remove(&ObjectKey::new("Namespace", "", "default")));
+        assert!(s.snapshot().of_kind("Namespace").next().is_none());
+    }
+}
