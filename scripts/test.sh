@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # ring must never come back into the tree (two rustls providers => panic at start).
-if cargo tree --locked -i ring -e normal,build,dev >/dev/null 2>&1; then
-  echo "error: the 'ring' crate is in the dependency tree; only aws-lc-rs may be used" >&2
-  cargo tree --locked -i ring -e normal,build,dev >&2
+ring_users=$(cargo tree --locked -i ring -e normal,build,dev 2>/dev/null || true)
+if [ -n "$ring_users" ]; then
+  echo "error: the 'ring' crate is in the dependency tree; only aws-lc-rs may be used:" >&2
+  echo "$ring_users" >&2
   exit 1
 fi
 cargo test --workspace --locked
