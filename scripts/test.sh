@@ -3,6 +3,7 @@
 # Format and lint gates first, then every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # ring must never come back into the tree (two rustls providers => panic at start).
