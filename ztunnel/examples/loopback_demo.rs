@@ -42,7 +42,11 @@ async fn main() -> ExitCode {
 
     println!("== zmesh loopback demo: two ztunnels, mutual TLS, HBONE, L4 policy ==\n");
     let mesh = Mesh::start("").await;
-    println!("ztunnel A (node-a): SOCKS5 {}, HBONE {}", mesh.a.addrs.socks5.unwrap(), mesh.a.addrs.hbone.unwrap());
+    println!(
+        "ztunnel A (node-a): SOCKS5 {}, HBONE {}",
+        mesh.a.addrs.socks5.unwrap(),
+        mesh.a.addrs.hbone.unwrap()
+    );
     println!("ztunnel B (node-b): HBONE {}", mesh.b.addrs.hbone.unwrap());
     println!("workloads: client {CLIENT_IP} on node-a ({CLIENT_ID})");
     println!("           echo   {} on node-b ({ECHO_ID})\n", mesh.echo);
@@ -60,29 +64,42 @@ async fn main() -> ExitCode {
     let lines = logs.lines();
     let inbound = lines.iter().find(|l| l["direction"] == "inbound");
     if let Some(l) = inbound {
-        println!("   B's access log: src.identity={} dst.identity={} bytes_recv={}", l["src.identity"], l["dst.identity"], l["bytes_recv"]);
+        println!(
+            "   B's access log: src.identity={} dst.identity={} bytes_recv={}",
+            l["src.identity"], l["dst.identity"], l["bytes_recv"]
+        );
     }
     steps.check(
         "the destination saw the client's SPIFFE identity",
         inbound.is_some_and(|l| l["src.identity"] == CLIENT_ID && l["dst.identity"] == ECHO_ID),
     );
-    println!("   on the wire between the nodes: TLS 1.3 (ALPN h2) to port {}, one HTTP/2 CONNECT stream per connection", mesh.b.addrs.hbone.unwrap().port());
+    println!(
+        "   on the wire between the nodes: TLS 1.3 (ALPN h2) to port {}, one HTTP/2 CONNECT stream per connection",
+        mesh.b.addrs.hbone.unwrap().port()
+    );
 
     println!("\n2. an AuthorizationPolicy denying the client's namespace, applied live");
     mesh.apply_both(
         "policies:\n- name: deny-client-ns\n  namespace: server-ns\n  action: Deny\n  rules:\n  - - - namespaces: [{exact: client-ns}]\n",
     );
     let denied = socks_connect(socks, ip(CLIENT_IP), mesh.echo).await;
-    steps.check("a new connection from client-ns is refused (HBONE 401 -> SOCKS5 'not allowed')", denied.err() == Some(0x02));
+    steps.check(
+        "a new connection from client-ns is refused (HBONE 401 -> SOCKS5 'not allowed')",
+        denied.err() == Some(0x02),
+    );
     match socks_connect(socks, ip(OTHER_IP), mesh.echo).await {
-        Ok(mut s) => steps.check("other-ns is still allowed", roundtrip(&mut s, b"hi").await.is_ok()),
+        Ok(mut s) => steps.check(
+            "other-ns is still allowed",
+            roundtrip(&mut s, b"hi").await.is_ok(),
+        ),
         Err(_) => steps.check("other-ns is still allowed", false),
     }
 
     println!("\n3. metrics on ztunnel B (Istio names and labels)");
     let text = mesh.b.metrics().encode();
     for line in text.lines().filter(|l| {
-        (l.starts_with("istio_tcp_connections_opened_total{") || l.starts_with("istio_tcp_connections_failed_total{"))
+        (l.starts_with("istio_tcp_connections_opened_total{")
+            || l.starts_with("istio_tcp_connections_failed_total{"))
             && l.contains("reporter=\"destination\"")
     }) {
         let labels = line
@@ -93,9 +110,14 @@ async fn main() -> ExitCode {
         let short: Vec<&str> = labels
             .split(',')
             .filter(|kv| {
-                ["source_principal", "destination_principal", "response_flags", "connection_security_policy"]
-                    .iter()
-                    .any(|k| kv.starts_with(k))
+                [
+                    "source_principal",
+                    "destination_principal",
+                    "response_flags",
+                    "connection_security_policy",
+                ]
+                .iter()
+                .any(|k| kv.starts_with(k))
             })
             .collect();
         let name = line.split('{').next().unwrap_or_default();
@@ -104,7 +126,11 @@ async fn main() -> ExitCode {
     }
     steps.check(
         "the denial is counted with response_flags=DENY",
-        metric_value(&text, "istio_tcp_connections_failed_total", &[("response_flags", "DENY")]) == Some(1.0),
+        metric_value(
+            &text,
+            "istio_tcp_connections_failed_total",
+            &[("response_flags", "DENY")],
+        ) == Some(1.0),
     );
 
     println!("\ndemo: {} passed, {} failed", steps.passed, steps.failed);
