@@ -159,7 +159,9 @@ async fn one_mib_header_block_is_refused_without_harm() {
     block.extend(std::iter::repeat_n(b'a', 1 << 20));
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     frame(&mut out, 0x4, 0, 0, &[]); // SETTINGS
-    let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+    // Large frames (we advertise 1 MiB frames): the header-list limit, not the
+    // CONTINUATION-flood guard, is what must refuse this.
+    let chunks: Vec<&[u8]> = block.chunks(1_000_000).collect();
     for (i, c) in chunks.iter().enumerate() {
         let last = i == chunks.len() - 1;
         let (kind, flags) = if i == 0 { (0x1, 0) } else { (0x9, 0) };
