@@ -129,19 +129,7 @@ async fn one_mib_header_block_is_refused_without_harm() {
         .unwrap();
 
     // Hand-built HTTP/2: the h2 client would refuse to send this itself.
-    let now = SystemTime::now();
-    let hour = Duration::from_secs(3600);
-    let cert = mesh
-        .ca
-        .issue(&CLIENT_ID.parse().unwrap(), now - hour, now + hour)
-        .unwrap();
-    let cfg = cert.client_config(&[ECHO_ID.parse().unwrap()]).unwrap();
-    let hbone = SocketAddr::new(ip(ECHO_IP), mesh.b.addrs.hbone.unwrap().port());
-    let tcp = TcpStream::connect(hbone).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(zmesh_core::tls::server_name(), tcp)
-        .await
-        .unwrap();
+    let mut tls = tls_to_b(&mesh).await;
     let mut block = Vec::new();
     // :method CONNECT (literal, indexed name 2), :authority (indexed name 1)
     hpack_int(&mut block, 0x00, 4, 2);

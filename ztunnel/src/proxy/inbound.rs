@@ -14,16 +14,14 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use tracing::{debug, info, warn};
 use zmesh_core::authz::{ConnectionAttributes, Decision};
 use zmesh_core::certs::WorkloadCertificate;
-use zmesh_core::copy::{CopyStats, copy_bidirectional};
-use zmesh_core::hbone::next_connection_id;
 use zmesh_core::hbone::server::{ConnectHandler, InboundRequest, Responder, ServerConn, Target};
-use zmesh_core::metrics::{ConnectionRecorder, Reporter, ResponseFlags, SecurityPolicy};
+use zmesh_core::metrics::{Reporter, ResponseFlags, SecurityPolicy};
 use zmesh_core::socket::{self, ConnectOptions};
 use zmesh_core::state::{Service, Workload};
 use zmesh_core::telemetry::AccessLog;
 
 use super::outbound::with_flags;
-use super::{ProxyInputs, traffic_labels};
+use super::{InboundRelay, ProxyInputs, relay_inbound, traffic_labels};
 
 pub struct Inbound {
     pub pi: Arc<ProxyInputs>,
@@ -189,7 +187,7 @@ impl ConnectHandler for Inbound {
             mark: Some(socket::PROXY_MARK),
             timeout: Some(pi.cfg.h2.handshake_timeout),
         };
-        let mut upstream = match socket::connect(target, &opts).await {
+        let upstream = match socket::connect(target, &opts).await {
             Ok(s) => s,
             Err(e) => {
                 warn!("upstream connection to the local workload failed: {e}");
@@ -199,36 +197,14 @@ impl ConnectHandler for Inbound {
                 return;
             }
         };
-        let mut tunnel = match responder.accept(response_baggage(&dst)) {
+        let tunnel = match responder.accept(response_baggage(&dst)) {
             Ok(t) => t,
             Err(e) => {
                 debug!("peer went away before the tunnel opened: {e}");
                 return;
             }
         };
-        let tracked = pi
-            .connections
-            .track(next_connection_id(), attrs, dst.uid.clone());
-        let revoked = tracked.revoked();
-        let force = pi.drain.force_close();
-        let recorder = ConnectionRecorder::new(pi.metrics.clone(), labels);
-        let stats = CopyStats::new();
-        let result = tokio::select! {
-            r = copy_bidirectional(&mut tunnel, &mut upstream, &stats) => r,
-            _ = revoked.cancelled() => Err(std::io::Error::other("closed: no longer allowed by authorization policy")),
-            _ = force.cancelled() => Err(std::io::Error::other("closed by proxy shutdown")),
-        };
-        drop(tracked);
-        // Bytes are counted from the destination's point of view: received from the source
-        // through the tunnel, sent back to it.
-        recorder.add_received(stats.a_to_b());
-        recorder.add_sent(stats.b_to_a());
-        let error = result.err().map(|e| e.to_string());
-        if error.is_some() {
-            recorder.fail(ResponseFlags::Connect);
-        }
-        drop(recorder);
-        AccessLog {
+        let log = AccessLog {
             src_addr: Some(conn.peer),
             src_workload: src.as_ref().map(|w| w.name.clone()),
             src_namespace: src.as_ref().map(|w| w.namespace.clone()),
@@ -240,12 +216,16 @@ impl ConnectHandler for Inbound {
             dst_namespace: Some(dst.namespace.clone()),
             dst_identity: Some(dst.identity().to_string()),
             direction: "inbound",
-            bytes_sent: stats.b_to_a(),
-            bytes_recv: stats.a_to_b(),
-            duration: started.elapsed(),
-            error,
-        }
-        .emit();
+            ..AccessLog::default()
+        };
+        let relay = InboundRelay {
+            attrs,
+            dst,
+            labels,
+            log,
+            started,
+        };
+        relay_inbound(pi, tunnel, upstream, relay).await;
     }
 
     fn handshake_failed(

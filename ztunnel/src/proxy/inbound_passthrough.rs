@@ -9,18 +9,16 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 use zmesh_core::authz::{ConnectionAttributes, Decision};
-use zmesh_core::copy::{CopyStats, copy_bidirectional};
-use zmesh_core::hbone::next_connection_id;
-use zmesh_core::metrics::{ConnectionRecorder, Reporter, ResponseFlags, SecurityPolicy};
+use zmesh_core::metrics::{Reporter, ResponseFlags, SecurityPolicy};
 use zmesh_core::socket::{self, ConnectOptions};
 use zmesh_core::telemetry::AccessLog;
 
-use super::{ProxyInputs, traffic_labels};
+use super::{InboundRelay, ProxyInputs, relay_inbound, traffic_labels};
 
 /// Handle one plaintext connection from `peer` addressed to `orig_dst`.
 pub async fn handle(
     pi: Arc<ProxyInputs>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     orig_dst: SocketAddr,
 ) {
@@ -72,7 +70,7 @@ pub async fn handle(
             mark: Some(socket::PROXY_MARK),
             timeout: Some(pi.cfg.h2.handshake_timeout),
         };
-        let mut upstream = match socket::connect(orig_dst, &opts).await {
+        let upstream = match socket::connect(orig_dst, &opts).await {
             Ok(s) => s,
             Err(e) => {
                 warn!("connection to the local workload failed: {e}");
@@ -81,25 +79,7 @@ pub async fn handle(
                 return;
             }
         };
-        let tracked = pi.connections.track(next_connection_id(), attrs, dst.uid.clone());
-        let revoked = tracked.revoked();
-        let force = pi.drain.force_close();
-        let recorder = ConnectionRecorder::new(pi.metrics.clone(), labels);
-        let stats = CopyStats::new();
-        let result = tokio::select! {
-            r = copy_bidirectional(&mut client, &mut upstream, &stats) => r,
-            _ = revoked.cancelled() => Err(std::io::Error::other("closed: no longer allowed by authorization policy")),
-            _ = force.cancelled() => Err(std::io::Error::other("closed by proxy shutdown")),
-        };
-        drop(tracked);
-        recorder.add_received(stats.a_to_b());
-        recorder.add_sent(stats.b_to_a());
-        let error = result.err().map(|e| e.to_string());
-        if error.is_some() {
-            recorder.fail(ResponseFlags::Connect);
-        }
-        drop(recorder);
-        AccessLog {
+        let log = AccessLog {
             src_addr: Some(peer),
             src_workload: src.as_ref().map(|w| w.name.clone()),
             src_namespace: src.as_ref().map(|w| w.namespace.clone()),
@@ -108,13 +88,16 @@ pub async fn handle(
             dst_namespace: Some(dst.namespace.clone()),
             dst_identity: Some(dst.identity().to_string()),
             direction: "inbound",
-            bytes_sent: stats.b_to_a(),
-            bytes_recv: stats.a_to_b(),
-            duration: started.elapsed(),
-            error,
             ..AccessLog::default()
-        }
-        .emit();
+        };
+        let relay = InboundRelay {
+            attrs,
+            dst,
+            labels,
+            log,
+            started,
+        };
+        relay_inbound(&pi, client, upstream, relay).await;
         debug!("plaintext connection finished");
     }
     .instrument(span)

@@ -21,12 +21,18 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
+use zmesh_core::authz::ConnectionAttributes;
 use zmesh_core::certs::CertificateManager;
+use zmesh_core::copy::{BytesStream, CopyStats, copy_bidirectional};
 use zmesh_core::drain::Drain;
+use zmesh_core::hbone::next_connection_id;
 use zmesh_core::hbone::pool::Pool;
 use zmesh_core::identity::Identity;
-use zmesh_core::metrics::{Metrics, Reporter, ResponseFlags, SecurityPolicy, TcpLabels};
+use zmesh_core::metrics::{
+    ConnectionRecorder, Metrics, Reporter, ResponseFlags, SecurityPolicy, TcpLabels,
+};
 use zmesh_core::state::{Service, StateStore, Workload};
+use zmesh_core::telemetry::AccessLog;
 
 use crate::config::Config;
 use connection_manager::ConnectionManager;
@@ -99,15 +105,17 @@ where
     }
 }
 
-fn or_unknown(s: &str) -> String {
-    if s.is_empty() {
-        "unknown".to_string()
+/// The canonical service name Istio reports: the canonical name label, else the workload name.
+fn canonical(w: &Workload) -> &str {
+    if w.canonical_name.is_empty() {
+        &w.workload_name
     } else {
-        s.to_string()
+        &w.canonical_name
     }
 }
 
-/// Istio's TCP metric labels for one connection.
+/// Istio's TCP metric labels for one connection. Unknown values stay empty; the metrics
+/// encoder renders them as `unknown`, as Istio does.
 pub fn traffic_labels(
     reporter: Reporter,
     src: Option<&Workload>,
@@ -116,63 +124,83 @@ pub fn traffic_labels(
     service: Option<&Service>,
     security: SecurityPolicy,
 ) -> TcpLabels {
-    let canonical = |w: Option<&Workload>| {
-        w.map(|w| {
-            if w.canonical_name.is_empty() {
-                w.workload_name.clone()
-            } else {
-                w.canonical_name.clone()
-            }
-        })
-        .unwrap_or_default()
-    };
+    let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| w.map(f).unwrap_or("").to_string();
     let src_principal = src_identity
         .map(|i| i.to_string())
         .or_else(|| src.map(|w| w.identity().to_string()))
         .unwrap_or_default();
     TcpLabels {
-        reporter,
-        source_workload: or_unknown(&src.map(|w| w.workload_name.clone()).unwrap_or_default()),
-        source_canonical_service: or_unknown(&canonical(src)),
-        source_canonical_revision: or_unknown(
-            &src.map(|w| w.canonical_revision.clone())
-                .unwrap_or_default(),
-        ),
-        source_workload_namespace: or_unknown(
-            &src.map(|w| w.namespace.clone()).unwrap_or_default(),
-        ),
-        source_principal: or_unknown(&src_principal),
-        source_app: or_unknown(&canonical(src)),
-        source_version: or_unknown(
-            &src.map(|w| w.canonical_revision.clone())
-                .unwrap_or_default(),
-        ),
-        source_cluster: or_unknown(&src.map(|w| w.cluster_id.clone()).unwrap_or_default()),
-        destination_service: or_unknown(&service.map(|s| s.hostname.clone()).unwrap_or_default()),
-        destination_service_namespace: or_unknown(
-            &service.map(|s| s.namespace.clone()).unwrap_or_default(),
-        ),
-        destination_service_name: or_unknown(&service.map(|s| s.name.clone()).unwrap_or_default()),
-        destination_workload: or_unknown(&dst.map(|w| w.workload_name.clone()).unwrap_or_default()),
-        destination_canonical_service: or_unknown(&canonical(dst)),
-        destination_canonical_revision: or_unknown(
-            &dst.map(|w| w.canonical_revision.clone())
-                .unwrap_or_default(),
-        ),
-        destination_workload_namespace: or_unknown(
-            &dst.map(|w| w.namespace.clone()).unwrap_or_default(),
-        ),
-        destination_principal: or_unknown(
-            &dst.map(|w| w.identity().to_string()).unwrap_or_default(),
-        ),
-        destination_app: or_unknown(&canonical(dst)),
-        destination_version: or_unknown(
-            &dst.map(|w| w.canonical_revision.clone())
-                .unwrap_or_default(),
-        ),
-        destination_cluster: or_unknown(&dst.map(|w| w.cluster_id.clone()).unwrap_or_default()),
-        request_protocol: "tcp".to_string(),
-        response_flags: ResponseFlags::None,
+        source_workload: field(src, |w| &w.workload_name),
+        source_canonical_service: field(src, canonical),
+        source_canonical_revision: field(src, |w| &w.canonical_revision),
+        source_workload_namespace: field(src, |w| &w.namespace),
+        source_principal: src_principal,
+        source_app: field(src, canonical),
+        source_version: field(src, |w| &w.canonical_revision),
+        source_cluster: field(src, |w| &w.cluster_id),
+        destination_service: service.map(|s| s.hostname.clone()).unwrap_or_default(),
+        destination_service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_default(),
+        destination_service_name: service.map(|s| s.name.clone()).unwrap_or_default(),
+        destination_workload: field(dst, |w| &w.workload_name),
+        destination_canonical_service: field(dst, canonical),
+        destination_canonical_revision: field(dst, |w| &w.canonical_revision),
+        destination_workload_namespace: field(dst, |w| &w.namespace),
+        destination_principal: dst.map(|w| w.identity().to_string()).unwrap_or_default(),
+        destination_app: field(dst, canonical),
+        destination_version: field(dst, |w| &w.canonical_revision),
+        destination_cluster: field(dst, |w| &w.cluster_id),
         connection_security_policy: security,
+        ..TcpLabels::new(reporter)
     }
+}
+
+/// An authorized inbound connection (HBONE or plaintext) to a local workload, ready to relay.
+pub(crate) struct InboundRelay {
+    /// What it was authorized with; re-checked when policy changes.
+    pub attrs: ConnectionAttributes,
+    pub dst: Arc<Workload>,
+    pub labels: TcpLabels,
+    /// Access-log fields known up front; bytes, duration and error are filled in at the end.
+    pub log: AccessLog,
+    pub started: std::time::Instant,
+}
+
+/// Copy between the downstream side (a tunnel or a plaintext client) and the local workload
+/// until both are done, the connection is no longer authorized, or shutdown cuts it; then
+/// report metrics and the access log.
+pub(crate) async fn relay_inbound<D: BytesStream>(
+    pi: &ProxyInputs,
+    mut downstream: D,
+    mut upstream: TcpStream,
+    r: InboundRelay,
+) {
+    let tracked = pi
+        .connections
+        .track(next_connection_id(), r.attrs, r.dst.uid.clone());
+    let revoked = tracked.revoked();
+    let force = pi.drain.force_close();
+    let recorder = ConnectionRecorder::new(pi.metrics.clone(), r.labels);
+    let stats = CopyStats::new();
+    let result = tokio::select! {
+        r = copy_bidirectional(&mut downstream, &mut upstream, &stats) => r,
+        _ = revoked.cancelled() => Err(std::io::Error::other("closed: no longer allowed by authorization policy")),
+        _ = force.cancelled() => Err(std::io::Error::other("closed by proxy shutdown")),
+    };
+    drop(tracked);
+    // Counted from the destination's point of view: received from the source, sent back to it.
+    recorder.add_received(stats.a_to_b());
+    recorder.add_sent(stats.b_to_a());
+    let error = result.err().map(|e| e.to_string());
+    if error.is_some() {
+        recorder.fail(ResponseFlags::Connect);
+    }
+    drop(recorder);
+    AccessLog {
+        bytes_sent: stats.b_to_a(),
+        bytes_recv: stats.a_to_b(),
+        duration: r.started.elapsed(),
+        error,
+        ..r.log
+    }
+    .emit();
 }

@@ -42,15 +42,6 @@ pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// A port that was free a moment ago (for configs that must name a peer's port up front).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Echo server: writes back everything, half-closes when the client does.
 pub async fn echo_server(ip: IpAddr) -> SocketAddr {
     let l = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
@@ -133,19 +124,17 @@ impl Mesh {
         let _ = zmesh_core::socket::raise_fd_limit();
         let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
         let echo = echo_server(ip(ECHO_IP)).await;
-        let (pa, pb) = (free_port(), free_port());
         let yaml = mesh_yaml(echo.port(), policies);
-        let mk = |node: &str, port: u16| {
-            let mut c = Config::loopback(node);
-            c.hbone_addr = SocketAddr::new(ip("0.0.0.0"), port);
-            c.peer_hbone_ports.insert("node-a".into(), pa);
-            c.peer_hbone_ports.insert("node-b".into(), pb);
-            c.drain_grace = Duration::from_millis(200);
-            tweak(&mut c);
-            c
-        };
-        let start = |node: &str, port: u16| {
-            let cfg = mk(node, port);
+        // B first, on an OS-assigned port; A is then told where B's HBONE listener is. (Picking
+        // free ports up front races with other tests' ephemeral ports.) The tests only send
+        // A -> B, so B needs no entry for A.
+        let start = |node: &str, peer_b: Option<u16>| {
+            let mut cfg = Config::loopback(node);
+            if let Some(pb) = peer_b {
+                cfg.peer_hbone_ports.insert("node-b".into(), pb);
+            }
+            cfg.drain_grace = Duration::from_millis(200);
+            tweak(&mut cfg);
             let update = LocalConfig::from_str(&yaml).expect("test YAML is valid");
             let ca = ca.clone();
             async move {
@@ -159,8 +148,9 @@ impl Mesh {
                 .expect("ztunnel starts")
             }
         };
-        let a = start("node-a", pa).await;
-        let b = start("node-b", pb).await;
+        let b = start("node-b", None).await;
+        let pb = b.addrs.hbone.expect("B has an HBONE listener").port();
+        let a = start("node-a", Some(pb)).await;
         tokio::time::timeout(Duration::from_secs(10), async {
             a.wait_ready().await;
             b.wait_ready().await;
