@@ -10,8 +10,8 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An authenticated HTTP/2 connection to B's HBONE port at the echo address.
-async fn h2_to_b(mesh: &Mesh) -> h2::client::SendRequest<bytes::Bytes> {
+/// A mutual-TLS connection to B's HBONE port at the echo address, as the client workload.
+async fn tls_to_b(mesh: &Mesh) -> tokio_rustls::client::TlsStream<TcpStream> {
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
     let cert = mesh
@@ -21,11 +21,15 @@ async fn h2_to_b(mesh: &Mesh) -> h2::client::SendRequest<bytes::Bytes> {
     let cfg = cert.client_config(&[ECHO_ID.parse().unwrap()]).unwrap();
     let hbone = SocketAddr::new(ip(ECHO_IP), mesh.b.addrs.hbone.unwrap().port());
     let tcp = TcpStream::connect(hbone).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(cfg)
+    tokio_rustls::TlsConnector::from(cfg)
         .connect(zmesh_core::tls::server_name(), tcp)
         .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+        .unwrap()
+}
+
+/// An authenticated HTTP/2 connection to B's HBONE port at the echo address.
+async fn h2_to_b(mesh: &Mesh) -> h2::client::SendRequest<bytes::Bytes> {
+    let (send, conn) = h2::client::handshake(tls_to_b(mesh).await).await.unwrap();
     tokio::spawn(conn);
     send
 }
