@@ -950,8 +950,10 @@ fn vs_http_route(
         .transpose()
         .at(format!("{f}.timeout"))?
         .flatten();
+    // Retries only make sense when forwarding (not for redirects / direct responses).
+    let forwards = matches!(action, Action::Forward(_));
     let retries = match &r.retries {
-        None => Some(default_retries()),
+        None => forwards.then(default_retries),
         Some(rt) => vs_retries(rt, &format!("{f}.retries"))?,
     };
     let fault = r
@@ -1033,24 +1035,29 @@ fn vs_match(m: &types::HttpMatchRequest, f: &str) -> Result<l7::HttpMatch, Field
     }
     let sm = |v: &Option<types::StringMatch>, field: &str, ic: bool| {
         v.as_ref()
-            .map(|s| parse::istio_string_match(s, ic))
+            .map(|s| parse::istio_string_match(s, ic, &format!("{f}.{field}")))
             .transpose()
-            .at(format!("{f}.{field}"))
     };
     let mut headers = Vec::new();
     for (name, v) in &m.headers {
         headers.push(l7::HeaderMatch {
             name: name.to_ascii_lowercase(),
-            value: Some(parse::istio_string_match(v, false).at(format!("{f}.headers[{name}]"))?),
+            value: Some(parse::istio_string_match(
+                v,
+                false,
+                &format!("{f}.headers[{name}]"),
+            )?),
             invert: false,
         });
     }
     for (name, v) in &m.without_headers {
         headers.push(l7::HeaderMatch {
             name: name.to_ascii_lowercase(),
-            value: Some(
-                parse::istio_string_match(v, false).at(format!("{f}.withoutHeaders[{name}]"))?,
-            ),
+            value: Some(parse::istio_string_match(
+                v,
+                false,
+                &format!("{f}.withoutHeaders[{name}]"),
+            )?),
             invert: true,
         });
     }
@@ -1058,9 +1065,11 @@ fn vs_match(m: &types::HttpMatchRequest, f: &str) -> Result<l7::HttpMatch, Field
     for (name, v) in &m.query_params {
         query_params.push(l7::QueryParamMatch {
             name: name.clone(),
-            value: Some(
-                parse::istio_string_match(v, false).at(format!("{f}.queryParams[{name}]"))?,
-            ),
+            value: Some(parse::istio_string_match(
+                v,
+                false,
+                &format!("{f}.queryParams[{name}]"),
+            )?),
         });
     }
     Ok(l7::HttpMatch {
@@ -1135,8 +1144,11 @@ fn vs_fault(ft: &types::HttpFault, f: &str) -> Result<l7::Fault, FieldError> {
 fn vs_cors(c: &types::CorsPolicy, f: &str) -> Result<l7::CorsPolicy, FieldError> {
     let mut allow_origins = Vec::new();
     for (i, o) in c.allow_origins.iter().enumerate() {
-        allow_origins
-            .push(parse::istio_string_match(o, false).at(format!("{f}.allowOrigins[{i}]"))?);
+        allow_origins.push(parse::istio_string_match(
+            o,
+            false,
+            &format!("{f}.allowOrigins[{i}]"),
+        )?);
     }
     allow_origins.extend(c.allow_origin.iter().map(parse::exact));
     Ok(l7::CorsPolicy {

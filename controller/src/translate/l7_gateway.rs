@@ -20,6 +20,7 @@ use crate::store::ObjectKey;
 const HTTPROUTE_VERSIONS: &[&str] = &[
     "gateway.networking.k8s.io/v1",
     "gateway.networking.k8s.io/v1beta1",
+    "gateway.networking.k8s.io/v1alpha2",
 ];
 const TCPROUTE_VERSIONS: &[&str] = &[
     "gateway.networking.k8s.io/v1alpha2",
@@ -486,13 +487,15 @@ fn rule_base(
             Action::Forward(l7::Forward { destinations })
         }
     };
+    let forwards = matches!(action, Action::Forward(_));
     r.action = Some(action);
-    let mut retries = Some(default_retries());
+    // Retries only make sense when forwarding (not for redirects / direct responses).
+    let mut retries = forwards.then(default_retries);
     if let Some(rt) = &rule.retry {
         let rf = format!("{f}.retry");
         let attempts =
             parse::count("attempts", rt.attempts.unwrap_or(2)).at(format!("{rf}.attempts"))?;
-        retries = if attempts == 0 {
+        retries = if attempts == 0 || !forwards {
             None
         } else {
             let mut codes = Vec::new();

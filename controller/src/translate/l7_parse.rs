@@ -115,7 +115,9 @@ pub fn duration(s: &str) -> Result<Duration, Invalid> {
         let mut part = int_v.checked_mul(unit_nanos).ok_or_else(err)?;
         if !frac.is_empty() {
             let frac_v: u128 = frac.parse().map_err(|_| err())?;
-            part += frac_v * unit_nanos / 10u128.pow(frac.len() as u32);
+            part = part
+                .checked_add(frac_v * unit_nanos / 10u128.pow(frac.len() as u32))
+                .ok_or_else(err)?;
         }
         total = total.checked_add(part).ok_or_else(err)?;
         rest = tail;
@@ -217,25 +219,26 @@ pub fn regex(pattern: &str) -> Result<String, Invalid> {
         })
 }
 
-/// Istio `StringMatch` (exact/prefix/regex, at most one); none set → "present".
+/// Istio `StringMatch` at field `f` (exact/prefix/regex, at most one); none set → "present".
 pub fn istio_string_match(
     m: &super::types::StringMatch,
     ignore_case: bool,
-) -> Result<l7::StringMatch, Invalid> {
+    f: &str,
+) -> Result<l7::StringMatch, FieldError> {
     use l7::string_match::MatchType;
     let set = [&m.exact, &m.prefix, &m.regex]
         .iter()
         .filter(|v| v.is_some())
         .count();
     if set > 1 {
-        return Err(Invalid::OneOf("exact, prefix, regex"));
+        return bad(f, Invalid::OneOf("exact, prefix, regex"));
     }
     let match_type = if let Some(v) = &m.exact {
         MatchType::Exact(v.clone())
     } else if let Some(v) = &m.prefix {
         MatchType::Prefix(v.clone())
     } else if let Some(v) = &m.regex {
-        MatchType::Regex(regex(v)?)
+        MatchType::Regex(regex(v).at(format!("{f}.regex"))?)
     } else {
         MatchType::Present(true)
     };
