@@ -7,12 +7,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/istio/v1/auth/ca.proto",
         "protos/google/rpc/status.proto",
         "protos/envoy/service/discovery/v3/discovery.proto",
+        "protos/zmesh/l7/v1/l7.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["protos"])?;
+    // The descriptor set (with imports) backs `reflect` (proto3 JSON for config dumps and the
+    // golden tests).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("zmesh_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
+        // Maps encode in key order: resources must be byte-identical for equal content.
+        .btree_map(".zmesh.l7.v1")
         .build_client(true)
         .build_server(true)
         .skip_protoc_run()

@@ -38,12 +38,29 @@ pub mod envoy {
     }
 }
 
+pub mod zmesh {
+    pub mod l7 {
+        pub mod v1 {
+            tonic::include_proto!("zmesh.l7.v1");
+        }
+    }
+}
+
+pub mod reflect;
+
 pub use envoy::service::discovery::v3 as discovery;
 pub use istio::security;
 pub use istio::v1::auth as ca;
 pub use istio::workload;
+pub use zmesh::l7::v1 as l7;
 
 /// Type URL of workload/service address resources.
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of L4 authorization resources.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Type URL of zmesh waypoint per-service L7 configuration (`zmesh.l7.v1.ServiceConfig`,
+/// resource name "<namespace>/<hostname>").
+pub const L7_SERVICE_TYPE_URL: &str = "type.googleapis.com/zmesh.l7.v1.ServiceConfig";
+/// Type URL of zmesh waypoint L7 authorization policies (`zmesh.l7.v1.Authorization`, resource
+/// name "<namespace>/<policy name>").
+pub const L7_AUTHZ_TYPE_URL: &str = "type.googleapis.com/zmesh.l7.v1.Authorization";
