@@ -328,7 +328,9 @@ fn parse_file(
             leading_zero_numbers_as_strings: true,
             underscored_numbers_as_strings: true,
         };
-        let value: Value = match serde_saphyr::from_str_with_options(&doc.text, options) {
+        // Padded so that the parser's line numbers are the file's.
+        let padded = "\n".repeat(doc.line.saturating_sub(1)) + &doc.text;
+        let value: Value = match serde_saphyr::from_str_with_options(&padded, options) {
             Ok(v) => v,
             Err(e) => {
                 errors.push(err(None, SourceErrorReason::Syntax(e.to_string())));
@@ -439,7 +441,9 @@ mod tests {
     fn splits_documents() {
         let docs = split_documents("a: 1\n---\nb: 2\n--- # c\n...\n---\n\n");
         let texts: Vec<_> = docs.iter().map(|d| d.text.as_str()).collect();
-        assert_eq!(texts, vec!["a: 1\n", "b: 2\n", "# c\n", "\n\n"]);
+        // The marker line stays (emptied) in its document, so that the parser's line numbers
+        // count from the marker, which is the document's reported start line.
+        assert_eq!(texts, vec!["a: 1\n", "\nb: 2\n", "# c\n", "\n\n"]);
         assert_eq!(docs[1].line, 2);
         assert_eq!(docs[2].index, 3);
         // `----` and `---x` are content, not markers.
