@@ -261,9 +261,46 @@ pub fn translate(snap: &Snapshot, opts: &TranslateOptions, out: &mut Translated)
             },
         );
     }
-    for (name, address) in &addresses {
-        out.add(zmesh_proto::ADDRESS_TYPE_URL, name.clone(), address);
+    for (name, address) in addresses {
+        out.resources
+            .entry(zmesh_proto::ADDRESS_TYPE_URL.to_string())
+            .or_default()
+            .insert(
+                name,
+                prost_types::Any {
+                    type_url: zmesh_proto::ADDRESS_TYPE_URL.to_string(),
+                    value: encode_address(address),
+                },
+            );
     }
+}
+
+/// Encode an Address with its workload's `services` map in key order. prost keeps protobuf
+/// maps in a `HashMap`, whose iteration order (and so the encoding) changes from run to run;
+/// the xDS layer compares encodings to find changed resources, so the same input must give
+/// the same bytes. Protobuf decoders merge repeated occurrences of a message field, so the
+/// workload is encoded without its services, then once per service entry, in order.
+fn encode_address(mut address: pb::Address) -> Vec<u8> {
+    use prost::Message;
+    let services = match &mut address.r#type {
+        Some(pb::address::Type::Workload(w)) if w.services.len() > 1 => {
+            std::mem::take(&mut w.services)
+        }
+        _ => return address.encode_to_vec(),
+    };
+    let mut buf = address.encode_to_vec();
+    let mut sorted: Vec<_> = services.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, ports) in sorted {
+        let part = pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                services: [(key, ports)].into_iter().collect(),
+                ..Default::default()
+            })),
+        };
+        buf.extend(part.encode_to_vec());
+    }
+    buf
 }
 
 /// Resolve a service port's `targetPort` against a pod's containers (Istio's `FindPort`):
@@ -785,6 +822,10 @@ fn translate_pod(
     bindings: &BTreeMap<(String, String), BTreeSet<String>>,
     out: &mut Translated,
 ) -> Option<pb::Workload> {
+    // A finished pod's IP may already belong to a new pod: it is not a workload any more.
+    if matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
     let ips = pod_ips(pod);
     if ips.is_empty() {
         if !pod.status.pod_ip.is_empty() || !pod.status.pod_ips.is_empty() {
@@ -914,6 +955,31 @@ mod tests {
             workload_name_type(&p),
             ("lonely".to_string(), pb::WorkloadType::Pod)
         );
+    }
+
+    #[test]
+    fn encoding_is_deterministic() {
+        use prost::Message;
+        let services: HashMap<String, pb::PortList> = (0..20)
+            .map(|i| (format!("ns/svc{i}"), pb::PortList::default()))
+            .collect();
+        let address = pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                uid: "u".into(),
+                services,
+                ..Default::default()
+            })),
+        };
+        let first = encode_address(address.clone());
+        for _ in 0..5 {
+            // A fresh HashMap (new random seed) each time.
+            let mut copy = address.clone();
+            if let Some(pb::address::Type::Workload(w)) = &mut copy.r#type {
+                w.services = w.services.clone().into_iter().collect();
+            }
+            assert_eq!(encode_address(copy), first);
+        }
+        assert_eq!(pb::Address::decode(first.as_slice()).unwrap(), address);
     }
 
     #[test]
