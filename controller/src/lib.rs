@@ -7,6 +7,7 @@
 
 pub mod ca;
 pub mod controller;
+pub mod k8s;
 pub mod sources;
 pub mod store;
 pub mod translate;
