@@ -1317,7 +1317,7 @@ fn subset_workloads(
                 .chain(labels.iter())
                 .all(|(k, v)| pl.get(k).and_then(Value::as_str) == Some(v.as_str()))
         })
-        .map(|(k, _)| format!("{}//Pod/{}/{}", opts.cluster_id, k.namespace, k.name))
+        .map(|(k, _)| format!("{}//v1/Pod/{}/{}", opts.cluster_id, k.namespace, k.name))
         .collect();
     uids.sort();
     uids
