@@ -124,6 +124,7 @@ pub async fn connect(dst: SocketAddr, opts: &ConnectOptions) -> Result<TcpStream
         && src.is_ipv4() == dst.is_ipv4()
     {
         let s = SockRef::from(&sock);
+        let _ = bind_address_no_port(&sock);
         // Best effort: local addresses (e.g. 127.0.0.0/8) bind without it.
         let _ = if src.is_ipv6() {
             s.set_ip_transparent_v6(true)
@@ -141,6 +142,30 @@ pub async fn connect(dst: SocketAddr, opts: &ConnectOptions) -> Result<TcpStream
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// Defer the choice of the local port of a socket bound to `(ip, 0)` to `connect()`, which
+/// picks one that is free for the whole 4-tuple. Without it, `bind` picks a port blind to the
+/// destination and `connect` can fail with EADDRINUSE against a TIME_WAIT socket once many
+/// connections have come from the same source address (which is normal for a proxy that keeps
+/// client addresses).
+pub fn bind_address_no_port(sock: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `sock` is a live socket descriptor and we pass a pointer to a c_int with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Raise the soft open-file limit to the hard limit: a node proxy holds several descriptors

@@ -19,6 +19,7 @@ use ztunnel::proxy::inbound_passthrough;
 async fn plaintext_to_echo(mesh: &Mesh) -> tokio::net::TcpStream {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sock = TcpSocket::new_v4().unwrap();
+    zmesh_core::socket::bind_address_no_port(&sock).unwrap();
     sock.bind("127.0.0.40:0".parse().unwrap()).unwrap();
     let (client, accepted) = tokio::join!(sock.connect(l.local_addr().unwrap()), l.accept());
     let (server_side, peer) = accepted.unwrap();

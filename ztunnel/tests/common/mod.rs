@@ -179,6 +179,7 @@ pub async fn socks_connect(
     dst: SocketAddr,
 ) -> Result<TcpStream, u8> {
     let sock = TcpSocket::new_v4().unwrap();
+    zmesh_core::socket::bind_address_no_port(&sock).unwrap();
     sock.bind(SocketAddr::new(src, 0)).unwrap();
     let mut s = sock.connect(socks).await.unwrap();
     s.write_all(&[5, 1, 0]).await.unwrap();
