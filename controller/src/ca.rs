@@ -821,7 +821,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let peer = request.remote_addr();
+        let peer = crate::xds::server::peer_addr(&request);
         match self.handle(request).await {
             Ok((caller, identity, cert_chain)) => {
                 self.metrics.count("ok");

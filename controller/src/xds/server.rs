@@ -197,7 +197,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = peer_addr(&request);
         let inbound = request.into_inner();
         let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -636,6 +636,16 @@ fn validate(req: &DeltaDiscoveryRequest) -> Result<(), String> {
     Ok(())
 }
 
+/// The client's address, on plaintext and on TLS connections.
+pub fn peer_addr<T>(request: &Request<T>) -> Option<SocketAddr> {
+    request.remote_addr().or_else(|| {
+        request
+            .extensions()
+            .get::<TlsConnInfo>()
+            .and_then(|i| i.tcp.remote_addr())
+    })
+}
+
 /// Per-connection information of a TLS connection (the client certificate is optional).
 #[derive(Clone, Debug)]
 pub struct TlsConnInfo {
@@ -703,6 +713,8 @@ impl AsyncWrite for TlsConn {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for tonic (handshake done) before accepting pauses.
 const ACCEPT_QUEUE: usize = 64;
+/// Concurrent TLS handshakes; accepting waits beyond that (a handshake flood stays bounded).
+const MAX_HANDSHAKES: usize = 512;
 
 /// Accept TLS connections on `listener` until `stop`, handshaking each in its own task (a slow
 /// handshake never delays others). The stream feeds `Server::serve_with_incoming_shutdown`.
@@ -713,8 +725,16 @@ pub fn tls_incoming(
 ) -> impl Stream<Item = Result<TlsConn, std::io::Error>> + Send + 'static {
     let (tx, mut rx) = mpsc::channel::<Result<TlsConn, std::io::Error>>(ACCEPT_QUEUE);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => return,
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tx.closed() => return,
@@ -732,6 +752,7 @@ pub fn tls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(TlsConn(tls))).await;
