@@ -1,1 +1,382 @@
-//! (being written)
+//! The controller, wired: source → [`ObjectStore`] → (debounced) translation →
+//! [`ResourceCache`] → Delta ADS on 15010 (plaintext, local use) and 15012 (TLS, with the CA).
+//!
+//! Start-up order matters for clients reconnecting to a restarted controller: the source is
+//! loaded and translated *before* the ports open, so a client presenting its
+//! `initial_resource_versions` is compared against the complete state and receives only real
+//! changes, never a burst of removals followed by re-adds.
+//!
+//! Files in the config directory besides the Kubernetes YAML:
+//! - `nodes/<node>.token`: bootstrap tokens (see [`crate::ca`]);
+//! - `ca/root-cert.pem`, `ca/root-key.pem`: the CA root, generated on first start when missing.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tracing::{error, info, warn};
+use zmesh_core::ca::CertificateAuthority;
+use zmesh_core::metrics::Metrics;
+
+use crate::ca::{
+    CaMetrics, CaOptions, CaService, CaSetupError, FileTokenAuthenticator, TOKENS_DIR,
+    TokenAuthenticator,
+};
+use crate::sources::file::FileSource;
+use crate::store::{ObjectStore, Snapshot};
+use crate::translate::{TranslateOptions, Translated, translate};
+use crate::xds::cache::ResourceCache;
+use crate::xds::server::{AdsMetrics, AdsOptions, AdsServer, tcp_incoming, tls_incoming};
+
+/// A translation function (the real [`translate`] by default; tests may substitute).
+pub type Translator = Arc<dyn Fn(&Snapshot, &TranslateOptions) -> Translated + Send + Sync>;
+
+/// Where and how the controller runs.
+#[derive(Clone)]
+pub struct ControllerConfig {
+    /// Directory of Kubernetes YAML (file mode), bootstrap tokens and the CA root.
+    pub config_dir: Option<PathBuf>,
+    /// Watch `config_dir` with the file source (off: the store is fed by the embedder).
+    pub file_source: bool,
+    /// Plaintext ADS (Istio: 15010). Meant for local use; no CA here.
+    pub xds_plaintext_addr: Option<SocketAddr>,
+    /// TLS ADS + CA (Istio: 15012).
+    pub xds_tls_addr: Option<SocketAddr>,
+    /// Prometheus metrics (15014).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Trust domain of a newly generated root (a loaded root brings its own).
+    pub trust_domain: String,
+    /// Namespace the controller runs in (its identity: `ns/<namespace>/sa/zmesh-controller`).
+    pub namespace: String,
+    /// Default `<config_dir>/ca/root-cert.pem` and `root-key.pem`.
+    pub root_cert: Option<PathBuf>,
+    pub root_key: Option<PathBuf>,
+    /// Store changes within this window are translated once; ADS pushes use it too.
+    pub debounce: Duration,
+    pub translate: TranslateOptions,
+    pub ca: CaOptions,
+    pub translator: Option<Translator>,
+    /// Default: bootstrap tokens from `<config_dir>/nodes`.
+    pub authenticator: Option<Arc<dyn TokenAuthenticator>>,
+    /// Use this object store (an embedder that feeds objects itself, or a pre-loaded one)
+    /// instead of a fresh one.
+    pub store: Option<Arc<ObjectStore>>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            config_dir: None,
+            file_source: true,
+            xds_plaintext_addr: Some(([127, 0, 0, 1], 15010).into()),
+            xds_tls_addr: Some(([0, 0, 0, 0], 15012).into()),
+            metrics_addr: Some(([0, 0, 0, 0], 15014).into()),
+            trust_domain: zmesh_core::identity::DEFAULT_TRUST_DOMAIN.into(),
+            namespace: "istio-system".into(),
+            root_cert: None,
+            root_key: None,
+            debounce: Duration::from_millis(100),
+            translate: TranslateOptions::default(),
+            ca: CaOptions::default(),
+            translator: None,
+            authenticator: None,
+            store: None,
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// Every port on 127.0.0.1 with an OS-assigned number (tests, the loopback demo).
+    pub fn loopback(config_dir: impl Into<PathBuf>) -> Self {
+        let lo = SocketAddr::from(([127, 0, 0, 1], 0));
+        ControllerConfig {
+            config_dir: Some(config_dir.into()),
+            xds_plaintext_addr: Some(lo),
+            xds_tls_addr: Some(lo),
+            metrics_addr: None,
+            ..Default::default()
+        }
+    }
+}
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ca(#[from] CaSetupError),
+}
+
+/// Where the controller's listeners bound.
+#[derive(Clone, Debug, Default)]
+pub struct ControllerAddrs {
+    pub xds_plaintext: Option<SocketAddr>,
+    pub xds_tls: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// A running controller.
+pub struct Controller {
+    pub addrs: ControllerAddrs,
+    pub store: Arc<ObjectStore>,
+    pub cache: Arc<ResourceCache>,
+    pub ca: Arc<CertificateAuthority>,
+    pub metrics: Arc<Metrics>,
+    pub ads_metrics: Arc<AdsMetrics>,
+    pub ca_metrics: Arc<CaMetrics>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ControllerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControllerError::Bind { what, addr, source })
+}
+
+/// Runs translation and feeds the cache; logs each translation error once while it persists.
+struct TranslationLoop {
+    store: Arc<ObjectStore>,
+    cache: Arc<ResourceCache>,
+    translator: Translator,
+    opts: TranslateOptions,
+    errors_gauge: Gauge,
+    reported: BTreeSet<String>,
+    /// Subscribed before the first snapshot, so no change slips between the two.
+    rx: tokio::sync::watch::Receiver<u64>,
+}
+
+impl TranslationLoop {
+    async fn translate_once(&mut self) {
+        self.rx.mark_unchanged();
+        let snap = self.store.snapshot();
+        let (t, o) = (self.translator.clone(), self.opts.clone());
+        // why: translation of a large cluster is CPU work; keep it off the async workers.
+        let out = match tokio::task::spawn_blocking(move || t(&snap, &o)).await {
+            Ok(out) => out,
+            Err(e) => {
+                error!("translation failed (keeping the previous resources): {e}");
+                return;
+            }
+        };
+        let now: BTreeSet<String> = out.errors.iter().map(ToString::to_string).collect();
+        for e in now.difference(&self.reported) {
+            warn!("translation error: {e}");
+        }
+        for e in self.reported.difference(&now) {
+            info!("translation error resolved: {e}");
+        }
+        self.errors_gauge.set(now.len() as i64);
+        self.reported = now;
+        let summary = self.cache.update(out.resources);
+        for (type_url, (upserted, removed)) in &summary.changed {
+            info!(%type_url, upserted, removed, version = self.cache.version(type_url), "resources changed");
+        }
+    }
+
+    async fn run(mut self, debounce: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.rx.changed() => if r.is_err() { return },
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(debounce) => {}
+            }
+            self.translate_once().await;
+        }
+    }
+}
+
+impl Controller {
+    /// Load, translate, then open the ports. Returns once everything is bound.
+    pub async fn start(cfg: ControllerConfig) -> Result<Controller, ControllerError> {
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let store = cfg.store.clone().unwrap_or_default();
+
+        // CA root.
+        let ca = match (&cfg.root_cert, &cfg.root_key, &cfg.config_dir) {
+            (Some(c), Some(k), _) => crate::ca::load_or_create_root(c, k, &cfg.trust_domain)?,
+            (c, k, Some(dir)) => {
+                let c = c.clone().unwrap_or_else(|| dir.join("ca/root-cert.pem"));
+                let k = k.clone().unwrap_or_else(|| dir.join("ca/root-key.pem"));
+                crate::ca::load_or_create_root(&c, &k, &cfg.trust_domain)?
+            }
+            _ => {
+                warn!("no config directory or root paths: using an ephemeral CA root");
+                CertificateAuthority::generate(&cfg.trust_domain).map_err(CaSetupError::from)?
+            }
+        };
+        let ca = Arc::new(ca);
+        let mut topts = cfg.translate.clone();
+        if ca.trust_domain() != cfg.trust_domain {
+            info!(root = %ca.trust_domain(), configured = %cfg.trust_domain,
+                "the CA root's trust domain is used");
+        }
+        topts.trust_domain = ca.trust_domain().to_string();
+
+        // Metrics.
+        let metrics = Metrics::new("zmesh-controller");
+        let ads_metrics = Arc::new(AdsMetrics::default());
+        let ca_metrics = Arc::new(CaMetrics::default());
+        let errors_gauge = Gauge::default();
+        metrics.with_registry(|r| {
+            ads_metrics.register(r);
+            ca_metrics.register(r);
+            r.register(
+                "zmesh_controller_translation_errors",
+                "objects that currently fail to translate",
+                errors_gauge.clone(),
+            );
+        });
+
+        // Source: load once before translating, then watch.
+        if let (Some(dir), true) = (&cfg.config_dir, cfg.file_source) {
+            let source = FileSource::new(dir.clone());
+            for e in source.load_once(&store) {
+                warn!("config: {e}");
+            }
+            let (s, st) = (store.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move { source.run(s, st).await }));
+        }
+
+        // Translation: once now (complete state before any client connects), then on change.
+        let cache = ResourceCache::new();
+        let mut tl = TranslationLoop {
+            rx: store.generation(),
+            store: store.clone(),
+            cache: cache.clone(),
+            translator: cfg
+                .translator
+                .clone()
+                .unwrap_or_else(|| Arc::new(translate)),
+            opts: topts,
+            errors_gauge,
+            reported: BTreeSet::new(),
+        };
+        tl.translate_once().await;
+        tasks.push(tokio::spawn(tl.run(cfg.debounce, stop.clone())));
+
+        // Servers.
+        let ads = AdsServer::new(
+            cache.clone(),
+            AdsOptions {
+                debounce: cfg.debounce,
+                ..Default::default()
+            },
+            ads_metrics.clone(),
+            stop.clone(),
+        );
+        let mut addrs = ControllerAddrs::default();
+        let grpc = || {
+            Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        };
+        if let Some(addr) = cfg.xds_plaintext_addr {
+            let l = bind("plaintext xDS", addr).await?;
+            addrs.xds_plaintext = l.local_addr().ok();
+            let router = grpc().add_service(ads.clone().into_service());
+            let st = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(tcp_incoming(l), st.cancelled_owned())
+                    .await
+                {
+                    error!("plaintext xDS server stopped: {e}");
+                }
+            }));
+        }
+        if let Some(addr) = cfg.xds_tls_addr {
+            let identity = crate::ca::controller_identity(ca.trust_domain(), &cfg.namespace)?;
+            let tls = crate::ca::server_tls_config(ca.clone(), identity.clone())?;
+            let auth: Arc<dyn TokenAuthenticator> = match &cfg.authenticator {
+                Some(a) => a.clone(),
+                None => Arc::new(FileTokenAuthenticator::new(
+                    cfg.config_dir.clone().unwrap_or_default().join(TOKENS_DIR),
+                )),
+            };
+            let ca_svc = CaService::new(
+                ca.clone(),
+                auth,
+                store.clone(),
+                cfg.ca.clone(),
+                ca_metrics.clone(),
+            );
+            let l = bind("TLS xDS/CA", addr).await?;
+            addrs.xds_tls = l.local_addr().ok();
+            info!(%identity, addr = ?addrs.xds_tls, "TLS xDS and CA serving");
+            let router = grpc()
+                .add_service(ads.clone().into_service())
+                .add_service(ca_svc.into_service());
+            let st = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let incoming = tls_incoming(l, tls, st.clone());
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(incoming, st.cancelled_owned())
+                    .await
+                {
+                    error!("TLS xDS/CA server stopped: {e}");
+                }
+            }));
+        }
+        if let Some(addr) = cfg.metrics_addr {
+            let l = bind("metrics", addr).await?;
+            addrs.metrics = l.local_addr().ok();
+            let (m, st) = (metrics.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = zmesh_core::admin::serve_metrics(l, m, st).await {
+                    error!("metrics server stopped: {e}");
+                }
+            }));
+        }
+        info!(?addrs, trust_domain = %ca.trust_domain(), "controller started");
+        Ok(Controller {
+            addrs,
+            store,
+            cache,
+            ca,
+            metrics,
+            ads_metrics,
+            ca_metrics,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stop everything: ADS streams end with `Unavailable` (clients reconnect elsewhere or
+    /// later), ports close. Waits up to 5 s, then aborts what is left.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        info!("controller stopped");
+    }
+
+    /// Token cancelled by [`Controller::shutdown`].
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}

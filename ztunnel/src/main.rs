@@ -8,8 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use zmesh_core::ca::CertificateAuthority;
+use zmesh_core::certs::CertificateProvider;
 use zmesh_core::certs::InProcessCa;
-use zmesh_core::state::LocalConfig;
+use zmesh_core::state::{ConfigSource, LocalConfig};
+use zmesh_core::xds::{
+    CaClient, CaClientConfig, ControlPlaneEndpoint, ControlPlaneTls, TokenSource, XdsClient,
+    XdsConfig,
+};
 use ztunnel::{Config, Ztunnel};
 
 /// zmesh node agent: HBONE tunnels and L4 policy for the enrolled pods of one node.
@@ -19,15 +24,49 @@ struct Args {
     /// Name of this node (workloads with this `node` are served here).
     #[arg(long, env = "NODE_NAME", default_value = "local")]
     node: String,
-    /// YAML file with workloads, services and policies (local config source).
+    /// YAML file with workloads, services and policies (local config source; used when
+    /// --xds-address is not given).
     #[arg(long, env = "LOCAL_CONFIG")]
-    local_config: PathBuf,
-    /// PEM root certificate of the in-process CA (file mode).
+    local_config: Option<PathBuf>,
+    /// PEM root certificate of the in-process CA (used when --ca-address is not given).
     #[arg(long, env = "CA_ROOT_CERT")]
-    ca_cert: PathBuf,
-    /// PEM PKCS#8 key of the in-process CA (file mode).
+    ca_cert: Option<PathBuf>,
+    /// PEM PKCS#8 key of the in-process CA.
     #[arg(long, env = "CA_ROOT_KEY")]
-    ca_key: PathBuf,
+    ca_key: Option<PathBuf>,
+    /// Delta ADS server: http://host:15010 (plaintext, local) or https://host:15012.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// CA server (https://host:15012). Defaults to --xds-address when that is https.
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// File holding the bearer token for xDS and the CA (node bootstrap token or projected
+    /// service-account token; re-read on every use).
+    #[arg(long, env = "AUTH_TOKEN")]
+    token_file: Option<PathBuf>,
+    /// PEM root bundle the control plane's TLS certificate must chain to.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    xds_root_cert: Option<PathBuf>,
+    /// SPIFFE identity the control plane must present
+    /// (default spiffe://<trust-domain>/ns/istio-system/sa/zmesh-controller).
+    #[arg(long)]
+    control_plane_identity: Option<String>,
+    /// Also accept a control-plane certificate valid for this DNS name (istiod), sent as SNI.
+    #[arg(long)]
+    control_plane_dns_name: Option<String>,
+    /// Trust domain (taken from the CA root in local-CA mode).
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Cluster id sent to the control plane (`clusterid` header).
+    #[arg(long, env = "CLUSTER_ID")]
+    cluster_id: Option<String>,
+    /// This ztunnel's pod name, namespace and IP (xDS node id).
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pod_namespace: String,
+    #[arg(long, env = "INSTANCE_IP")]
+    instance_ip: Option<std::net::IpAddr>,
     /// Make the capture listeners transparent (needed with eBPF redirection).
     #[arg(long)]
     transparent: bool,
@@ -82,12 +121,85 @@ fn main() -> Result<()> {
     rt.block_on(run(args, logs))
 }
 
+/// The control plane's TLS settings from the flags.
+fn control_plane_tls(args: &Args, trust_domain: &str) -> Result<Option<ControlPlaneTls>> {
+    let Some(path) = &args.xds_root_cert else {
+        return Ok(None);
+    };
+    let roots = ControlPlaneTls::load_roots(path)?;
+    let identity = args
+        .control_plane_identity
+        .clone()
+        .unwrap_or_else(|| format!("spiffe://{trust_domain}/ns/istio-system/sa/zmesh-controller"));
+    Ok(Some(ControlPlaneTls {
+        roots,
+        identities: vec![identity],
+        dns_name: args.control_plane_dns_name.clone(),
+    }))
+}
+
 async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
-    let cert = std::fs::read_to_string(&args.ca_cert)
-        .with_context(|| format!("reading CA certificate {}", args.ca_cert.display()))?;
-    let key = std::fs::read_to_string(&args.ca_key)
-        .with_context(|| format!("reading CA key {}", args.ca_key.display()))?;
-    let ca = CertificateAuthority::from_pem(&cert, &key).context("loading the CA")?;
+    let token = args
+        .token_file
+        .clone()
+        .map_or(TokenSource::None, TokenSource::File);
+    // Certificates: the controller's CA, or an in-process CA from root files.
+    let ca_address = args.ca_address.clone().or_else(|| {
+        args.xds_address
+            .clone()
+            .filter(|a| a.starts_with("https://"))
+    });
+    let (provider, trust_domain): (Arc<dyn CertificateProvider>, String) = match &ca_address {
+        Some(address) => {
+            let tls = control_plane_tls(&args, &args.trust_domain)?;
+            let mut cfg = CaClientConfig::new(
+                ControlPlaneEndpoint::new(address.clone(), tls),
+                token.clone(),
+            );
+            cfg.cluster_id = args.cluster_id.clone();
+            let client = CaClient::new(cfg).context("configuring the CA client")?;
+            (Arc::new(client), args.trust_domain.clone())
+        }
+        None => {
+            let (Some(cert_path), Some(key_path)) = (&args.ca_cert, &args.ca_key) else {
+                anyhow::bail!(
+                    "no CA: give --ca-address (or an https --xds-address), or --ca-cert and --ca-key"
+                );
+            };
+            let cert = std::fs::read_to_string(cert_path)
+                .with_context(|| format!("reading CA certificate {}", cert_path.display()))?;
+            let key = std::fs::read_to_string(key_path)
+                .with_context(|| format!("reading CA key {}", key_path.display()))?;
+            let ca = CertificateAuthority::from_pem(&cert, &key).context("loading the CA")?;
+            let td = ca.trust_domain().to_string();
+            (Arc::new(InProcessCa(Arc::new(ca))), td)
+        }
+    };
+    // Configuration: xDS, or a local YAML file.
+    let source: Box<dyn ConfigSource> = match (&args.xds_address, &args.local_config) {
+        (Some(address), _) => {
+            let tls = control_plane_tls(&args, &trust_domain)?;
+            let mut cfg = XdsConfig::ztunnel(
+                ControlPlaneEndpoint::new(address.clone(), tls),
+                &args.node,
+                &args.pod_name,
+                &args.pod_namespace,
+                args.instance_ip,
+            );
+            cfg.token = token.clone();
+            cfg.cluster_id = args.cluster_id.clone();
+            if let Some(c) = &args.cluster_id {
+                cfg.metadata.insert("CLUSTER_ID".into(), c.clone());
+            }
+            // Surface address/TLS mistakes now rather than as endless reconnects.
+            cfg.endpoint
+                .channel()
+                .context("configuring the xDS client")?;
+            Box::new(XdsClient::new(cfg))
+        }
+        (None, Some(path)) => Box::new(LocalConfig::from_file(path)),
+        (None, None) => anyhow::bail!("no configuration: give --xds-address or --local-config"),
+    };
     let cfg = Config {
         node: args.node,
         outbound_addr: Some(args.outbound),
@@ -99,14 +211,13 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         readiness_addr: Some(args.readiness),
         transparent: args.transparent,
         keep_source_address: args.keep_source_address,
-        trust_domain: ca.trust_domain().to_string(),
+        trust_domain,
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
-        local_config: Some(args.local_config.clone()),
+        local_config: args.local_config.clone(),
         peer_hbone_ports: args.peer_hbone_ports.into_iter().collect(),
         ..Config::default()
     };
-    let source = Box::new(LocalConfig::from_file(&args.local_config));
-    let zt = Ztunnel::start(cfg, source, Arc::new(InProcessCa(Arc::new(ca))), Some(logs)).await?;
+    let zt = Ztunnel::start(cfg, source, provider, Some(logs)).await?;
     let quit = zt.quit.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

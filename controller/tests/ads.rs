@@ -1,0 +1,558 @@
+//! Delta ADS conformance over real gRPC on loopback: the server is fed through its
+//! `ResourceCache` (or through the object store + translation loop of a `Controller`) and driven
+//! by a raw client that sends each request by hand, or by zmesh's own `XdsClient`.
+
+mod common_ads;
+use common_ads as common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use zmesh_controller::controller::{Controller, ControllerConfig};
+use zmesh_controller::store::{ObjectKey, ObjectStore};
+use zmesh_controller::xds::cache::ResourceCache;
+use zmesh_core::state::{ConfigSource, StateStore};
+use zmesh_core::xds::{ControlPlaneEndpoint, ControlPlaneTls, XdsClient, XdsConfig};
+use zmesh_proto::discovery::DeltaDiscoveryRequest;
+use zmesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Long enough that a push, if one were coming, would have arrived (debounce + slack).
+const QUIET: Duration = Duration::from_millis(400);
+
+fn mesh() -> Vec<zmesh_core::state::Workload> {
+    vec![
+        workload("default", "a", "sa-a", "10.0.0.1", "node-1"),
+        workload("default", "b", "sa-b", "10.0.0.2", "node-1"),
+        workload("other", "c", "sa-c", "10.0.0.3", "node-2"),
+    ]
+}
+
+fn seeded_cache() -> Arc<ResourceCache> {
+    let cache = ResourceCache::new();
+    cache.update(BTreeMap::from([
+        (ADDRESS_TYPE_URL.to_string(), addresses(&mesh())),
+        (
+            AUTHORIZATION_TYPE_URL.to_string(),
+            BTreeMap::from([("default/deny".to_string(), policy_any("default", "deny"))]),
+        ),
+    ]));
+    cache
+}
+
+/// Subscribe wildcard to both types and ACK the initial responses; returns them.
+async fn sync_wildcard(
+    c: &mut RawClient,
+) -> (
+    zmesh_proto::discovery::DeltaDiscoveryResponse,
+    zmesh_proto::discovery::DeltaDiscoveryResponse,
+) {
+    c.subscribe(ADDRESS_TYPE_URL, &[], BTreeMap::new()).await;
+    c.subscribe(AUTHORIZATION_TYPE_URL, &[], BTreeMap::new())
+        .await;
+    let r1 = c.recv().await;
+    let r2 = c.recv().await;
+    let (addr, authz) = if r1.type_url == ADDRESS_TYPE_URL {
+        (r1, r2)
+    } else {
+        (r2, r1)
+    };
+    c.ack(&addr).await;
+    c.ack(&authz).await;
+    (addr, authz)
+}
+
+#[tokio::test]
+async fn wildcard_subscribe_gets_everything() {
+    init();
+    let h = AdsHarness::start(seeded_cache(), DEBOUNCE).await;
+    let mut c = RawClient::connect(h.addr).await;
+    let (addr, authz) = sync_wildcard(&mut c).await;
+    let all: Vec<String> = mesh().iter().map(|w| w.uid.clone()).collect();
+    assert_eq!(names(&addr), all);
+    assert!(addr.removed_resources.is_empty());
+    assert_eq!(addr.type_url, ADDRESS_TYPE_URL);
+    assert_eq!(
+        addr.system_version_info,
+        h.cache.version(ADDRESS_TYPE_URL).to_string()
+    );
+    assert!(!addr.nonce.is_empty());
+    for r in &addr.resources {
+        let any = r.resource.as_ref().unwrap();
+        assert_eq!(any.type_url, ADDRESS_TYPE_URL);
+        assert_eq!(r.version.len(), 32, "content hash version");
+    }
+    assert_eq!(names(&authz), vec!["default/deny"]);
+    assert_ne!(addr.nonce, authz.nonce);
+    // ACKed and nothing changed: nothing more.
+    c.expect_silence(QUIET).await;
+    assert_eq!(h.metrics.nack_count(ADDRESS_TYPE_URL), 0);
+
+    // "*" is wildcard too; an empty type still answers (so clients can become ready).
+    let empty = ResourceCache::new();
+    let h2 = AdsHarness::start(empty, DEBOUNCE).await;
+    let mut c2 = RawClient::connect(h2.addr).await;
+    c2.subscribe(ADDRESS_TYPE_URL, &["*"], BTreeMap::new())
+        .await;
+    let r = c2.recv().await;
+    assert!(r.resources.is_empty() && r.removed_resources.is_empty());
+    assert_eq!(r.system_version_info, "0");
+}
+
+#[tokio::test]
+async fn one_change_reaches_a_connected_client_as_one_delta() {
+    init();
+    let h = AdsHarness::start(seeded_cache(), DEBOUNCE).await;
+    let mut c = RawClient::connect(h.addr).await;
+    let (first, _) = sync_wildcard(&mut c).await;
+    let v0: u64 = first.system_version_info.parse().unwrap();
+
+    // Add one pod.
+    let mut ws = mesh();
+    ws.push(workload("default", "d", "sa-d", "10.0.0.4", "node-1"));
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    assert_eq!(r.type_url, ADDRESS_TYPE_URL);
+    assert_eq!(names(&r), vec![uid("default", "d")]);
+    assert!(r.removed_resources.is_empty());
+    assert_eq!(r.system_version_info, (v0 + 1).to_string());
+    c.ack(&r).await;
+    c.expect_silence(QUIET).await; // exactly one delta; Authorization untouched
+
+    // Remove one pod.
+    ws.retain(|w| w.name != "a");
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources, vec![uid("default", "a")]);
+    c.ack(&r).await;
+    c.expect_silence(QUIET).await;
+
+    // Several changes within the debounce window coalesce into one delta.
+    let mut e = workload("default", "e", "sa-e", "10.0.0.5", "node-1");
+    ws.push(e.clone());
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    e.addresses = vec!["10.0.0.55".parse().unwrap()];
+    ws.pop();
+    ws.push(e.clone());
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec![uid("default", "e")]);
+    let (_, cached) = h.cache.snapshot(ADDRESS_TYPE_URL);
+    assert_eq!(
+        r.resources[0].version,
+        *cached[&uid("default", "e")].version
+    );
+    c.ack(&r).await;
+    c.expect_silence(QUIET).await;
+}
+
+#[tokio::test]
+async fn reconnect_with_initial_versions_resends_only_changes() {
+    init();
+    let h = AdsHarness::start(seeded_cache(), DEBOUNCE).await;
+    let mut c = RawClient::connect(h.addr).await;
+    let (first, _) = sync_wildcard(&mut c).await;
+    let held = versions(&first);
+    drop(c);
+
+    // While the client is away: b changes, c goes away, f arrives.
+    let mut ws = mesh();
+    ws[1].addresses = vec!["10.0.0.22".parse().unwrap()];
+    ws.retain(|w| w.name != "c");
+    ws.push(workload("default", "f", "sa-f", "10.0.0.6", "node-1"));
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+
+    let mut c = RawClient::connect(h.addr).await;
+    let mut initial = held.clone();
+    initial.insert("vanished-long-ago".into(), "123".into());
+    c.subscribe(ADDRESS_TYPE_URL, &[], initial).await;
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec![uid("default", "b"), uid("default", "f")]);
+    let mut removed = r.removed_resources.clone();
+    removed.sort();
+    assert_eq!(
+        removed,
+        vec![uid("other", "c"), "vanished-long-ago".to_string()]
+    );
+    c.ack(&r).await;
+    c.expect_silence(QUIET).await;
+
+    // Reconnecting with exactly the current versions: an empty answer (the client is ready).
+    drop(c);
+    let (_, now) = h.cache.snapshot(ADDRESS_TYPE_URL);
+    let current: BTreeMap<String, String> = now
+        .iter()
+        .map(|(k, v)| (k.clone(), v.version.to_string()))
+        .collect();
+    let mut c = RawClient::connect(h.addr).await;
+    c.subscribe(ADDRESS_TYPE_URL, &[], current).await;
+    let r = c.recv().await;
+    assert!(
+        r.resources.is_empty() && r.removed_resources.is_empty(),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn nack_is_counted_not_resent_and_later_changes_flow() {
+    init();
+    let h = AdsHarness::start(seeded_cache(), DEBOUNCE).await;
+    let mut c = RawClient::connect(h.addr).await;
+    sync_wildcard(&mut c).await;
+
+    // b changes; the client NACKs it.
+    let mut ws = mesh();
+    ws[1].addresses = vec!["10.0.0.22".parse().unwrap()];
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec![uid("default", "b")]);
+    c.nack(&r, "b: field `addresses`: test rejection").await;
+    // Not pushed again.
+    c.expect_silence(QUIET).await;
+    assert_eq!(h.metrics.nack_count(ADDRESS_TYPE_URL), 1);
+
+    // A change elsewhere flows, and carries only that resource (not the NACKed b).
+    ws[0].addresses = vec!["10.0.0.11".parse().unwrap()];
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec![uid("default", "a")]);
+    c.ack(&r).await;
+
+    // A new version of b is pushed again.
+    ws[1].addresses = vec!["10.0.0.222".parse().unwrap()];
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec![uid("default", "b")]);
+    c.ack(&r).await;
+    c.expect_silence(QUIET).await;
+    assert_eq!(h.metrics.nack_count(ADDRESS_TYPE_URL), 1);
+
+    // A removal of a resource the client NACKed is still sent (it may hold the good part).
+    ws[2].addresses = vec!["10.0.0.33".parse().unwrap()];
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    c.nack(&r, "c: nope").await;
+    ws.retain(|w| w.name != "c");
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    assert_eq!(r.removed_resources, vec![uid("other", "c")]);
+    assert_eq!(h.metrics.nack_count(ADDRESS_TYPE_URL), 2);
+}
+
+#[tokio::test]
+async fn named_subscribe_and_unsubscribe() {
+    init();
+    let h = AdsHarness::start(seeded_cache(), DEBOUNCE).await;
+    let mut c = RawClient::connect(h.addr).await;
+    let a = uid("default", "a");
+    let b = uid("default", "b");
+    c.subscribe(ADDRESS_TYPE_URL, &[&a, "default/missing"], BTreeMap::new())
+        .await;
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec![a.clone()]);
+    assert_eq!(r.removed_resources, vec!["default/missing"]);
+    c.ack(&r).await;
+
+    // b is not subscribed: its changes are not sent.
+    let mut ws = mesh();
+    ws[1].addresses = vec!["10.0.0.22".parse().unwrap()];
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    c.expect_silence(QUIET).await;
+
+    // Subscribing to b later sends it.
+    c.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_subscribe: vec![b.clone()],
+        ..Default::default()
+    })
+    .await;
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec![b.clone()]);
+    c.ack(&r).await;
+
+    // After unsubscribing a, its changes are not sent; b's still are.
+    c.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_unsubscribe: vec![a.clone()],
+        ..Default::default()
+    })
+    .await;
+    ws[0].addresses = vec!["10.0.0.11".parse().unwrap()];
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    c.expect_silence(QUIET).await;
+    ws[1].addresses = vec!["10.0.0.23".parse().unwrap()];
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec![b.clone()]);
+    c.ack(&r).await;
+
+    // On-demand style: subscribe "*" and unsubscribe "*" in the first request = nothing.
+    let mut d = RawClient::connect(h.addr).await;
+    d.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_subscribe: vec!["*".into()],
+        resource_names_unsubscribe: vec!["*".into()],
+        ..Default::default()
+    })
+    .await;
+    let r = d.recv().await;
+    assert!(r.resources.is_empty(), "{r:?}");
+}
+
+#[tokio::test]
+async fn bad_requests() {
+    init();
+    let h = AdsHarness::start(seeded_cache(), DEBOUNCE).await;
+
+    // Unknown type: no answer, the stream stays usable.
+    let mut c = RawClient::connect(h.addr).await;
+    c.subscribe(
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        &[],
+        BTreeMap::new(),
+    )
+    .await;
+    c.expect_silence(QUIET).await;
+    c.subscribe(ADDRESS_TYPE_URL, &[], BTreeMap::new()).await;
+    assert_eq!(c.recv().await.resources.len(), 3);
+
+    // Empty type URL: the stream ends with InvalidArgument naming the problem.
+    let mut c = RawClient::connect(h.addr).await;
+    c.send(DeltaDiscoveryRequest::default()).await;
+    let err = c.next().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("empty type_url"),
+        "{}",
+        err.message()
+    );
+
+    // A NACK without a nonce.
+    let mut c = RawClient::connect(h.addr).await;
+    c.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        error_detail: Some(Default::default()),
+        ..Default::default()
+    })
+    .await;
+    let err = c.next().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("without response_nonce"),
+        "{}",
+        err.message()
+    );
+
+    // State of the world is not served.
+    let mut sotw = zmesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(h.url()).await.unwrap();
+    let err = sotw
+        .stream_aggregated_resources(futures::stream::empty())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+}
+
+fn client_cfg(url: String) -> XdsConfig {
+    let mut cfg = XdsConfig::ztunnel(
+        ControlPlaneEndpoint::new(url, None),
+        "node-1",
+        "ztunnel-x",
+        "istio-system",
+        None,
+    );
+    cfg.initial_backoff = Duration::from_millis(50);
+    cfg.max_backoff = Duration::from_millis(400);
+    cfg
+}
+
+#[tokio::test]
+async fn xds_client_applies_deltas_nacks_garbage_and_survives_a_restart() {
+    init();
+    let cache = seeded_cache();
+    let h = AdsHarness::start(cache.clone(), DEBOUNCE).await;
+    let port = h.addr;
+    let store = StateStore::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = XdsClient::new(client_cfg(h.url())).with_stop(stop.clone());
+    let status = client.status();
+    let st = store.clone();
+    tokio::spawn(async move { Box::new(client).run(st).await });
+    eventually("initial sync", || store.is_synced()).await;
+    assert_eq!(store.read().workloads().count(), 3);
+    assert!(store.read().policy("default/deny").is_some());
+    let ip = "10.0.0.3".parse().unwrap();
+    assert_eq!(store.read().workload_by_ip(ip).unwrap().name, "c");
+
+    // A resource that fails to decode is NACKed; the good ones of the same push apply.
+    let mut ws = mesh();
+    ws.push(workload("default", "d", "sa-d", "10.0.0.4", "node-1"));
+    let mut res = addresses(&ws);
+    res.insert("default/garbage".into(), garbage_any());
+    cache.update_type(ADDRESS_TYPE_URL, res);
+    eventually("d applied", || {
+        store.read().workload_by_uid(&uid("default", "d")).is_some()
+    })
+    .await;
+    eventually("NACK counted", || {
+        h.metrics.nack_count(ADDRESS_TYPE_URL) == 1
+    })
+    .await;
+    assert_eq!(status.nacks_sent.load(Ordering::Relaxed), 1);
+
+    // Remove the garbage and a pod: removal reaches the state.
+    ws.retain(|w| w.name != "a");
+    cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    eventually("a removed", || {
+        store.read().workload_by_uid(&uid("default", "a")).is_none()
+    })
+    .await;
+
+    // Kill the server: the client keeps serving its last state.
+    h.kill().await;
+    eventually("disconnected", || !status.connected.load(Ordering::Relaxed)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.read().workloads().count(), 3);
+    assert_eq!(store.read().workload_by_ip(ip).unwrap().name, "c");
+
+    // Restart on the same port with the same data plus one change: the client resyncs, and
+    // only the changed resource travels.
+    ws[0].addresses = vec!["10.0.0.22".parse().unwrap()]; // b moves
+    cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let h2 = AdsHarness::start_on(cache.clone(), DEBOUNCE, port).await;
+    eventually("reconnected", || {
+        status.connects.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    eventually("b moved", || {
+        store
+            .read()
+            .workload_by_uid(&uid("default", "b"))
+            .is_some_and(|w| w.addresses == vec!["10.0.0.22".parse::<std::net::IpAddr>().unwrap()])
+    })
+    .await;
+    let sent = h2
+        .metrics
+        .resources_sent
+        .get_or_create(&vec![(
+            "type_url".to_string(),
+            ADDRESS_TYPE_URL.to_string(),
+        )])
+        .get();
+    assert_eq!(
+        sent, 1,
+        "only the changed workload is resent after reconnect"
+    );
+    assert_eq!(store.read().workloads().count(), 3);
+    stop.cancel();
+    h2.kill().await;
+}
+
+#[tokio::test]
+async fn controller_restart_on_the_same_directory_keeps_clients_state() {
+    init();
+    let dir = temp_dir("restart");
+    let cfg = ControllerConfig {
+        file_source: false, // fed through the store below; see the report for the file variant
+        translator: Some(Arc::new(pods_translator)),
+        debounce: DEBOUNCE,
+        ..ControllerConfig::loopback(&dir)
+    };
+    // The store plays the file source: loaded before the controller starts serving.
+    let feed = |pods: &[serde_json::Value]| {
+        let store = ObjectStore::new();
+        for p in pods {
+            store.upsert(ObjectKey::of(p).unwrap(), p.clone());
+        }
+        store
+    };
+    let pods = vec![
+        pod("default", "a", "sa-a", "10.1.0.1", "node-1"),
+        pod("default", "b", "sa-b", "10.1.0.2", "node-2"),
+    ];
+    let c1 = Controller::start(ControllerConfig {
+        store: Some(feed(&pods)),
+        ..cfg.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        c1.cache.len(ADDRESS_TYPE_URL),
+        2,
+        "translated before serving"
+    );
+
+    // A client over TLS, verifying the controller's SPIFFE identity against the root.
+    let tls_addr = c1.addrs.xds_tls.unwrap();
+    let mut ccfg = client_cfg(format!("https://{tls_addr}"));
+    ccfg.endpoint.tls = Some(ControlPlaneTls {
+        roots: vec![c1.ca.root_der()],
+        identities: vec!["spiffe://cluster.local/ns/istio-system/sa/zmesh-controller".into()],
+        dns_name: None,
+    });
+    let store = StateStore::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = XdsClient::new(ccfg).with_stop(stop.clone());
+    let status = client.status();
+    let st = store.clone();
+    tokio::spawn(async move { Box::new(client).run(st).await });
+    eventually("synced", || {
+        store.is_synced() && store.read().workloads().count() == 2
+    })
+    .await;
+
+    // Kill the controller; the client keeps its state.
+    c1.shutdown().await;
+    eventually("disconnected", || !status.connected.load(Ordering::Relaxed)).await;
+    assert_eq!(store.read().workloads().count(), 2);
+
+    // Restart on the same directory and ports (the CA root was persisted there, so the client
+    // still trusts it); one pod changed meanwhile.
+    let mut pods2 = pods.clone();
+    pods2[1] = pod("default", "b", "sa-b", "10.1.0.22", "node-2");
+    let c2 = Controller::start(ControllerConfig {
+        xds_tls_addr: Some(tls_addr),
+        store: Some(feed(&pods2)),
+        ..cfg.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(c2.ca.root_der(), store_root(&dir));
+    eventually("reconnected", || {
+        status.connects.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    eventually("b moved", || {
+        store
+            .read()
+            .workload_by_ip("10.1.0.22".parse().unwrap())
+            .is_some_and(|w| w.name == "b")
+    })
+    .await;
+    assert_eq!(store.read().workloads().count(), 2);
+    let sent = c2
+        .ads_metrics
+        .resources_sent
+        .get_or_create(&vec![(
+            "type_url".to_string(),
+            ADDRESS_TYPE_URL.to_string(),
+        )])
+        .get();
+    assert_eq!(sent, 1, "only the changed pod is resent after the restart");
+    assert!(
+        store
+            .read()
+            .workload_by_ip("10.1.0.1".parse().unwrap())
+            .is_some()
+    );
+    stop.cancel();
+    c2.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn store_root(dir: &std::path::Path) -> rustls_pki_types::CertificateDer<'static> {
+    ControlPlaneTls::load_roots(&dir.join("ca/root-cert.pem")).unwrap()[0].clone()
+}
