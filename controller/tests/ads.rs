@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::*;
 use zmesh_controller::controller::{Controller, ControllerConfig};
-use zmesh_controller::store::{ObjectKey, ObjectStore};
 use zmesh_controller::xds::cache::ResourceCache;
 use zmesh_core::state::{ConfigSource, StateStore};
 use zmesh_core::xds::{ControlPlaneEndpoint, ControlPlaneTls, XdsClient, XdsConfig};
@@ -451,34 +450,74 @@ async fn xds_client_applies_deltas_nacks_garbage_and_survives_a_restart() {
     h2.kill().await;
 }
 
+/// Pod + ambient namespace as YAML files, as a user would write them into the config directory.
+fn write_pod(dir: &std::path::Path, name: &str, ip: &str, node: &str) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{app: {name}}}\nspec:\n  serviceAccountName: sa-{name}\n  nodeName: {node}\nstatus:\n  podIP: {ip}\n  phase: Running\n"
+    );
+    std::fs::write(dir.join(format!("pod-{name}.yaml")), yaml).unwrap();
+}
+
+fn write_namespace(dir: &std::path::Path) {
+    std::fs::write(
+        dir.join("namespace.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    istio.io/dataplane-mode: ambient\n",
+    )
+    .unwrap();
+}
+
+fn pod_uid(name: &str) -> String {
+    format!("Kubernetes//v1/Pod/shop/{name}")
+}
+
+#[tokio::test]
+async fn a_pod_file_added_or_removed_reaches_the_client_as_one_delta() {
+    init();
+    let dir = temp_dir("file-delta");
+    write_namespace(&dir);
+    write_pod(&dir, "a", "10.2.0.1", "node-1");
+    write_pod(&dir, "b", "10.2.0.2", "node-2");
+    let c = Controller::start(ControllerConfig {
+        debounce: DEBOUNCE,
+        ..ControllerConfig::loopback(&dir)
+    })
+    .await
+    .unwrap();
+    let mut client = RawClient::connect(c.addrs.xds_plaintext.unwrap()).await;
+    let (first, _) = sync_wildcard(&mut client).await;
+    assert_eq!(names(&first), vec![pod_uid("a"), pod_uid("b")]);
+
+    // A new file with one pod: one delta carrying exactly that workload.
+    write_pod(&dir, "c", "10.2.0.3", "node-1");
+    let added = client.recv().await;
+    assert_eq!(added.type_url, ADDRESS_TYPE_URL);
+    assert_eq!(names(&added), vec![pod_uid("c")]);
+    assert!(added.removed_resources.is_empty());
+    client.ack(&added).await;
+
+    // The file removed: one delta removing exactly that workload.
+    std::fs::remove_file(dir.join("pod-c.yaml")).unwrap();
+    let removed = client.recv().await;
+    assert!(removed.resources.is_empty());
+    assert_eq!(removed.removed_resources, vec![pod_uid("c")]);
+    client.ack(&removed).await;
+    client.expect_silence(QUIET).await;
+    c.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn controller_restart_on_the_same_directory_keeps_clients_state() {
     init();
     let dir = temp_dir("restart");
+    write_namespace(&dir);
+    write_pod(&dir, "a", "10.1.0.1", "node-1");
+    write_pod(&dir, "b", "10.1.0.2", "node-2");
     let cfg = ControllerConfig {
-        file_source: false, // fed through the store below; see the report for the file variant
-        translator: Some(Arc::new(pods_translator)),
         debounce: DEBOUNCE,
         ..ControllerConfig::loopback(&dir)
     };
-    // The store plays the file source: loaded before the controller starts serving.
-    let feed = |pods: &[serde_json::Value]| {
-        let store = ObjectStore::new();
-        for p in pods {
-            store.upsert(ObjectKey::of(p).unwrap(), p.clone());
-        }
-        store
-    };
-    let pods = vec![
-        pod("default", "a", "sa-a", "10.1.0.1", "node-1"),
-        pod("default", "b", "sa-b", "10.1.0.2", "node-2"),
-    ];
-    let c1 = Controller::start(ControllerConfig {
-        store: Some(feed(&pods)),
-        ..cfg.clone()
-    })
-    .await
-    .unwrap();
+    let c1 = Controller::start(cfg.clone()).await.unwrap();
     assert_eq!(
         c1.cache.len(ADDRESS_TYPE_URL),
         2,
@@ -510,12 +549,10 @@ async fn controller_restart_on_the_same_directory_keeps_clients_state() {
     assert_eq!(store.read().workloads().count(), 2);
 
     // Restart on the same directory and ports (the CA root was persisted there, so the client
-    // still trusts it); one pod changed meanwhile.
-    let mut pods2 = pods.clone();
-    pods2[1] = pod("default", "b", "sa-b", "10.1.0.22", "node-2");
+    // still trusts it); one pod's file changed meanwhile.
+    write_pod(&dir, "b", "10.1.0.22", "node-2");
     let c2 = Controller::start(ControllerConfig {
         xds_tls_addr: Some(tls_addr),
-        store: Some(feed(&pods2)),
         ..cfg.clone()
     })
     .await
