@@ -55,6 +55,8 @@ pub struct ControllerConfig {
     pub trust_domain: String,
     /// Namespace the controller runs in (its identity: `ns/<namespace>/sa/zmesh-controller`).
     pub namespace: String,
+    /// A CA root loaded by the embedder (Kubernetes: from a Secret); wins over the paths.
+    pub root: Option<Arc<CertificateAuthority>>,
     /// Default `<config_dir>/ca/root-cert.pem` and `root-key.pem`.
     pub root_cert: Option<PathBuf>,
     pub root_key: Option<PathBuf>,
@@ -80,6 +82,7 @@ impl Default for ControllerConfig {
             metrics_addr: Some(([0, 0, 0, 0], 15014).into()),
             trust_domain: zmesh_core::identity::DEFAULT_TRUST_DOMAIN.into(),
             namespace: "istio-system".into(),
+            root: None,
             root_cert: None,
             root_key: None,
             debounce: Duration::from_millis(100),
@@ -210,19 +213,24 @@ impl Controller {
         let store = cfg.store.clone().unwrap_or_default();
 
         // CA root.
-        let ca = match (&cfg.root_cert, &cfg.root_key, &cfg.config_dir) {
-            (Some(c), Some(k), _) => crate::ca::load_or_create_root(c, k, &cfg.trust_domain)?,
-            (c, k, Some(dir)) => {
+        let ca = match (&cfg.root, &cfg.root_cert, &cfg.root_key, &cfg.config_dir) {
+            (Some(root), ..) => root.clone(),
+            (None, Some(c), Some(k), _) => {
+                Arc::new(crate::ca::load_or_create_root(c, k, &cfg.trust_domain)?)
+            }
+            (None, c, k, Some(dir)) => {
                 let c = c.clone().unwrap_or_else(|| dir.join("ca/root-cert.pem"));
                 let k = k.clone().unwrap_or_else(|| dir.join("ca/root-key.pem"));
-                crate::ca::load_or_create_root(&c, &k, &cfg.trust_domain)?
+                Arc::new(crate::ca::load_or_create_root(&c, &k, &cfg.trust_domain)?)
             }
             _ => {
                 warn!("no config directory or root paths: using an ephemeral CA root");
-                CertificateAuthority::generate(&cfg.trust_domain).map_err(CaSetupError::from)?
+                Arc::new(
+                    CertificateAuthority::generate(&cfg.trust_domain)
+                        .map_err(CaSetupError::from)?,
+                )
             }
         };
-        let ca = Arc::new(ca);
         let mut topts = cfg.translate.clone();
         if ca.trust_domain() != cfg.trust_domain {
             info!(root = %ca.trust_domain(), configured = %cfg.trust_domain,

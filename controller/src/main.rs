@@ -1,5 +1,9 @@
-//! The `zmesh-controller` binary: file mode today (a directory of Kubernetes YAML, bootstrap
-//! tokens in `<dir>/nodes/<node>.token`, CA root in `<dir>/ca/`); `--kubernetes` is reserved.
+//! The `zmesh-controller` binary.
+//!
+//! - File mode (`--config-dir`): a directory of Kubernetes YAML, bootstrap tokens in
+//!   `<dir>/nodes/<node>.token`, CA root in `<dir>/ca/`.
+//! - Kubernetes mode (`--kubernetes`): watches the API server (in-cluster config or
+//!   KUBECONFIG), reviews service-account tokens with TokenReview, keeps the CA root in a Secret.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +11,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use zmesh_controller::ca::{KubeAuthenticator, KubeTokenReviewer, load_or_create_root_secret};
 use zmesh_controller::controller::{Controller, ControllerConfig};
+use zmesh_controller::sources::kube::KubeSource;
+use zmesh_controller::store::ObjectStore;
 use zmesh_controller::translate::TranslateOptions;
 
 /// zmesh's xDS controller and CA.
@@ -17,9 +27,18 @@ struct Args {
     /// Directory of Kubernetes YAML (file mode); also holds nodes/*.token and ca/.
     #[arg(long, env = "ZMESH_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
-    /// Watch the Kubernetes API instead of a directory (not wired yet).
+    /// Watch the Kubernetes API instead of a directory.
     #[arg(long)]
     kubernetes: bool,
+    /// Kubernetes mode: Secret (in --namespace) holding the CA root; created when missing.
+    #[arg(long, default_value = "zmesh-ca-root")]
+    ca_secret: String,
+    /// Kubernetes mode: service account of the node agents, as NAMESPACE/NAME (repeatable).
+    #[arg(long = "node-agent", default_value = "istio-system/ztunnel")]
+    node_agents: Vec<String>,
+    /// Kubernetes mode: audience workload tokens must carry.
+    #[arg(long, default_value = "istio-ca")]
+    token_audience: String,
     /// Plaintext Delta ADS (local use only; no CA on this port). "off" disables it.
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds_plaintext_addr: String,
@@ -71,17 +90,15 @@ fn main() -> Result<()> {
     let args = Args::parse();
     zmesh_core::tls::install_default_provider();
     let _logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
-    if args.kubernetes {
-        bail!(
-            "--kubernetes is not yet wired in this build (the Kubernetes source is not available); run in file mode with --config-dir"
-        );
-    }
-    let Some(dir) = args.config_dir.clone() else {
-        bail!("--config-dir is required in file mode");
+    let dir = match (&args.config_dir, args.kubernetes) {
+        (Some(dir), false) if !dir.is_dir() => {
+            bail!("--config-dir {} is not a directory", dir.display())
+        }
+        (Some(dir), false) => Some(dir.clone()),
+        (None, false) => bail!("give --config-dir (file mode) or --kubernetes"),
+        (Some(_), true) => bail!("--config-dir and --kubernetes exclude each other"),
+        (None, true) => None,
     };
-    if !dir.is_dir() {
-        bail!("--config-dir {} is not a directory", dir.display());
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("zmesh-controller")
@@ -89,29 +106,89 @@ fn main() -> Result<()> {
     rt.block_on(run(args, dir))
 }
 
-async fn run(args: Args, dir: PathBuf) -> Result<()> {
+/// Wait until the Kubernetes watches have delivered their initial lists: the store changed at
+/// least once and then stayed quiet for a moment (bounded), so clients never see a partial
+/// first snapshot.
+async fn wait_for_initial_sync(store: &ObjectStore) {
+    let mut rx = store.generation();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(2), rx.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => break,
+        }
+    }
+}
+
+/// Kubernetes mode: source, CA root and token review from the API server.
+async fn kubernetes_parts(
+    args: &Args,
+    cfg: &mut ControllerConfig,
+    stop: CancellationToken,
+) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster service account or KUBECONFIG)")?;
+    let store = ObjectStore::new();
+    let source = KubeSource::new(client.clone());
+    let st = store.clone();
+    tokio::spawn(async move { source.run(st, stop).await });
+    wait_for_initial_sync(&store).await;
+    let root = load_or_create_root_secret(
+        client.clone(),
+        &args.namespace,
+        &args.ca_secret,
+        &args.trust_domain,
+    )
+    .await
+    .context("loading the CA root from its Secret")?;
+    let mut agents = Vec::new();
+    for a in &args.node_agents {
+        let (ns, sa) = a
+            .split_once('/')
+            .with_context(|| format!("--node-agent {a:?} is not NAMESPACE/NAME"))?;
+        agents.push((ns.to_string(), sa.to_string()));
+    }
+    let reviewer = KubeTokenReviewer::new(client, vec![args.token_audience.clone()]);
+    cfg.authenticator = Some(Arc::new(KubeAuthenticator::new(
+        reviewer,
+        agents,
+        store.clone(),
+    )));
+    cfg.root = Some(Arc::new(root));
+    cfg.store = Some(store);
+    cfg.file_source = false;
+    Ok(())
+}
+
+async fn run(args: Args, dir: Option<PathBuf>) -> Result<()> {
     let mut ca = zmesh_controller::ca::CaOptions::default();
     ca.max_ttl = Duration::from_secs(args.max_cert_ttl_secs);
     ca.default_ttl = ca.default_ttl.min(ca.max_ttl);
-    let cfg = ControllerConfig {
-        config_dir: Some(dir),
+    let mut cfg = ControllerConfig {
+        config_dir: dir,
         xds_plaintext_addr: parse_addr("xds-plaintext-addr", &args.xds_plaintext_addr)?,
         xds_tls_addr: parse_addr("xds-tls-addr", &args.xds_tls_addr)?,
         metrics_addr: parse_addr("metrics-addr", &args.metrics_addr)?,
         trust_domain: args.trust_domain.clone(),
-        namespace: args.namespace,
-        root_cert: args.root_cert,
-        root_key: args.root_key,
+        namespace: args.namespace.clone(),
+        root_cert: args.root_cert.clone(),
+        root_key: args.root_key.clone(),
         debounce: Duration::from_millis(args.debounce_ms),
         translate: TranslateOptions {
-            cluster_id: args.cluster_id,
-            trust_domain: args.trust_domain,
-            network: args.network,
+            cluster_id: args.cluster_id.clone(),
+            trust_domain: args.trust_domain.clone(),
+            network: args.network.clone(),
             ..TranslateOptions::default()
         },
         ca,
         ..ControllerConfig::default()
     };
+    let source_stop = CancellationToken::new();
+    if args.kubernetes {
+        kubernetes_parts(&args, &mut cfg, source_stop.clone()).await?;
+    }
     let controller = Controller::start(cfg)
         .await
         .context("starting the controller")?;
@@ -120,6 +197,7 @@ async fn run(args: Args, dir: PathBuf) -> Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
     }
+    source_stop.cancel();
     controller.shutdown().await;
     Ok(())
 }
