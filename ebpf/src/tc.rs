@@ -5,7 +5,7 @@
 //! | pin | what |
 //! |---|---|
 //! | `zm_cfg`, `zm_pods`, `zm_stats` | the maps (pinned by name, reused by the next run) |
-//! | `link_pod_<ip>` | `zm_from_pod` on the host side of that pod's veth |
+//! | `link_pod_<a_b_c_d>` | `zm_from_pod` on the host side of that pod's veth |
 //! | `link_uplink_<ifname>` | `zm_to_pod` on an uplink |
 //!
 //! Everything stays attached when ztunnel exits, so enrolled pods stay captured — and, with
@@ -89,6 +89,18 @@ pub struct TcBackend {
     ebpf: Option<Ebpf>,
 }
 
+/// An error with its sources (aya's Display leaves out the errno).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn load_err(dir: &Path, what: &str, e: impl std::fmt::Display) -> RedirectError {
     RedirectError::Load {
         what: what.to_string(),
@@ -100,7 +112,7 @@ fn load_err(dir: &Path, what: &str, e: impl std::fmt::Display) -> RedirectError 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> RedirectError {
     move |e| RedirectError::Map {
         map,
-        detail: e.to_string(),
+        detail: chain(&e),
     }
 }
 
@@ -175,6 +187,8 @@ impl TcBackend {
     }
 
     fn pod_link_path(&self, ip: Ipv4Addr) -> PathBuf {
+        // bpffs refuses '.' in names
+        let ip = ip.to_string().replace('.', "_");
         self.opts.bpffs_dir.join(format!("link_pod_{ip}"))
     }
 
@@ -211,19 +225,19 @@ impl TcBackend {
             .program_mut(prog)
             .ok_or_else(|| attach_err(format!("program {prog} missing from the object")))?
             .try_into()
-            .map_err(|e| attach_err(format!("{prog}: {e}")))?;
+            .map_err(|e| attach_err(format!("{prog}: {}", chain(&e))))?;
         let id = p
             .attach(ifname, TcAttachType::Ingress)
-            .map_err(|e| attach_err(format!("{prog}: {e}")))?;
+            .map_err(|e| attach_err(format!("{prog}: {}", chain(&e))))?;
         let link = p
             .take_link(id)
-            .map_err(|e| attach_err(format!("{prog}: {e}")))?;
+            .map_err(|e| attach_err(format!("{prog}: {}", chain(&e))))?;
         let fd: FdLink = link
             .try_into()
             .map_err(|e| attach_err(format!("{prog}: not a TCX link ({e}); kernel >= 6.6 needed")))?;
         let _pinned: PinnedLink = fd.pin(pin).map_err(|e| RedirectError::Pin {
             path: pin.display().to_string(),
-            detail: e.to_string(),
+            detail: chain(&e),
         })?;
         Ok(())
     }
@@ -249,14 +263,14 @@ impl RedirectBackend for TcBackend {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .load(REDIRECT_OBJ)
-            .map_err(|e| load_err(&dir, "object", e))?;
+            .map_err(|e| load_err(&dir, "object", chain(&e)))?;
         for name in [FROM_POD, TO_POD] {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| load_err(&dir, name, "missing from the object"))?
                 .try_into()
                 .map_err(|e| load_err(&dir, name, e))?;
-            p.load().map_err(|e| load_err(&dir, name, e))?;
+            p.load().map_err(|e| load_err(&dir, name, chain(&e)))?;
         }
         {
             let m = ebpf

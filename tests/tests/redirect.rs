@@ -1,0 +1,179 @@
+//! End-to-end redirection scenarios in the netns cluster (root; see zmesh_tests docs).
+//!
+//! Cluster: node0 { client (enrolled, ns client-ns), outsider (not enrolled) },
+//!          node1 { echo (enrolled, ns server-ns, tcp echo v1 :9000), plain (not enrolled,
+//!                  tcp echo v0 :9000) }.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use zmesh_tests::{Cluster, PodSpec, contains, pcap_tcp_port_packets, require_root};
+
+const T: Duration = Duration::from_secs(3);
+
+fn cluster() -> Cluster {
+    let mut c = Cluster::builder()
+        .nodes(2)
+        .pod(PodSpec::new("client", "client-ns", 0, true))
+        .pod(PodSpec::new("outsider", "legacy", 0, false))
+        .pod(PodSpec::new("echo", "server-ns", 1, true))
+        .pod(PodSpec::new("plain", "legacy", 1, false).version("v0"))
+        .build()
+        .expect("building the netns cluster");
+    c.start_tcp_echo("echo", 9000).expect("echo app");
+    c.start_tcp_echo("plain", 9000).expect("plain app");
+    c
+}
+
+fn addr(c: &Cluster, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((c.pod(pod).ip, port))
+}
+
+/// Enrolled → enrolled across nodes goes through HBONE (only TLS on the fabric, the marker
+/// never in clear, the destination logs the source's SPIFFE identity); enrolled →
+/// non-enrolled passes through; non-enrolled → enrolled works (PERMISSIVE) without the
+/// source node's ztunnel. Then: kill the client node's ztunnel → new connections fail and
+/// nothing leaks; restart → traffic flows again and /config_dump shows the pods reconciled.
+#[test]
+fn cross_node_hbone_fail_closed_and_restart() {
+    if !require_root("cross_node_hbone_fail_closed_and_restart") {
+        return;
+    }
+    let mut c = cluster();
+    let echo = addr(&c, "echo", 9000);
+
+    // 1. enrolled -> enrolled, cross node.
+    let cap = c.capture("hbone").unwrap();
+    let marker = "ZMESH-MARKER-7f3a91";
+    let reply = c.echo("client", echo, marker, T).expect("client -> echo");
+    assert_eq!(reply, format!("v1 {marker}"));
+    let pcap = cap.finish().unwrap();
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "the payload marker crossed the fabric in clear"
+    );
+    assert!(
+        pcap_tcp_port_packets(&pcap, 15008) > 0,
+        "no HBONE (15008) packets on the fabric"
+    );
+    assert_eq!(
+        pcap_tcp_port_packets(&pcap, 9000),
+        0,
+        "plaintext to the app port crossed the fabric"
+    );
+    let client_id = c.pod("client").identity();
+    let log1 = c.ztunnel_log(1);
+    assert!(
+        log1.lines()
+            .any(|l| l.contains("direction=\"inbound\"") || l.contains("direction=inbound"))
+            && log1.contains(&client_id),
+        "node1's access log does not show the source identity {client_id}:\n{log1}"
+    );
+
+    // 2. enrolled -> non-enrolled: plain passthrough through the client's ztunnel.
+    let plain = addr(&c, "plain", 9000);
+    let reply = c.echo("client", plain, "to-plain", T).expect("client -> plain");
+    assert_eq!(reply, "v0 to-plain");
+
+    // 3. non-enrolled -> enrolled (PERMISSIVE): via node1's 15006; node0's ztunnel not in path.
+    let before0 = c.ztunnel_log(0);
+    let reply = c.echo("outsider", echo, "from-outsider", T).expect("outsider -> echo");
+    assert_eq!(reply, "v1 from-outsider");
+    let outsider_ip = c.pod("outsider").ip.to_string();
+    let after0 = c.ztunnel_log(0);
+    assert!(
+        !after0[before0.len()..].contains(&outsider_ip),
+        "node0's ztunnel saw the non-enrolled pod's traffic"
+    );
+    // non-enrolled -> non-enrolled: untouched.
+    let reply = c.echo("outsider", plain, "legacy", T).expect("outsider -> plain");
+    assert_eq!(reply, "v0 legacy");
+
+    // 4. Kill node0's ztunnel: the enrolled client's new connections fail, nothing leaks.
+    c.kill_ztunnel(0);
+    let cap = c.capture("killed").unwrap();
+    let leak = "ZMESH-LEAK-CHECK-1c2d";
+    let r = c.echo("client", echo, leak, Duration::from_secs(2));
+    assert!(r.is_err(), "client reached echo with its ztunnel dead: {r:?}");
+    let r = c.echo("client", plain, leak, Duration::from_secs(2));
+    assert!(r.is_err(), "client reached plain with its ztunnel dead: {r:?}");
+    let pcap = cap.finish().unwrap();
+    assert!(!contains(&pcap, leak.as_bytes()), "plaintext leaked while ztunnel was down");
+    // The non-enrolled pod on the same node is not affected.
+    let reply = c.echo("outsider", plain, "still-ok", T).expect("outsider -> plain (ztunnel down)");
+    assert_eq!(reply, "v0 still-ok");
+
+    // 5. Restart: pinned state reconciled, traffic flows again.
+    c.restart_ztunnel(0).expect("ztunnel restart");
+    let dump = c.config_dump(0).unwrap();
+    assert_eq!(dump["redirect"]["reconciled"], true, "{}", dump["redirect"]);
+    assert_eq!(
+        c.enrolled_ips(0).unwrap(),
+        vec![c.pod("client").ip.to_string()],
+        "{}",
+        dump["redirect"]
+    );
+    let reply = c
+        .echo_eventually("client", echo, "after-restart", Duration::from_secs(10))
+        .expect("client -> echo after restart");
+    assert_eq!(reply, "v1 after-restart");
+}
+
+/// Removing a pod from the mesh (protocol HBONE -> TCP, what the namespace label drives)
+/// un-captures it without restarting anything (the marker then crosses in clear), adding it
+/// back captures it again; STRICT refuses plaintext from non-enrolled pods.
+#[test]
+fn unenroll_reenroll_and_strict() {
+    if !require_root("unenroll_reenroll_and_strict") {
+        return;
+    }
+    let mut c = cluster();
+    let echo = addr(&c, "echo", 9000);
+    assert_eq!(c.echo("client", echo, "hello", T).unwrap(), "v1 hello");
+
+    // Un-enroll the client.
+    c.update_mesh(|m| {
+        m.pods.iter_mut().find(|p| p.name == "client").unwrap().enrolled = false;
+    })
+    .unwrap();
+    c.wait_enrolled(0, Duration::from_secs(15)).expect("client released");
+    let cap = c.capture("unenrolled").unwrap();
+    let marker = "ZMESH-DIRECT-4e5f";
+    // echo is still enrolled: the client's plaintext reaches node1's 15006 (PERMISSIVE).
+    let reply = c.echo_eventually("client", echo, marker, Duration::from_secs(5)).unwrap();
+    assert_eq!(reply, format!("v1 {marker}"));
+    let pcap = cap.finish().unwrap();
+    assert!(
+        contains(&pcap, marker.as_bytes()),
+        "after un-enrolling, the client's connection should go direct (in clear)"
+    );
+
+    // Enroll it again: HBONE again.
+    c.update_mesh(|m| {
+        m.pods.iter_mut().find(|p| p.name == "client").unwrap().enrolled = true;
+    })
+    .unwrap();
+    c.wait_enrolled(0, Duration::from_secs(15)).expect("client captured again");
+    let cap = c.capture("reenrolled").unwrap();
+    let marker = "ZMESH-HBONE-AGAIN-8a9b";
+    let reply = c.echo_eventually("client", echo, marker, Duration::from_secs(5)).unwrap();
+    assert_eq!(reply, format!("v1 {marker}"));
+    let pcap = cap.finish().unwrap();
+    assert!(!contains(&pcap, marker.as_bytes()), "re-enrolled traffic went in clear");
+
+    // STRICT: plaintext from a non-enrolled pod to an enrolled one is refused; mesh traffic works.
+    c.update_mesh(|m| m.mtls_mode = Some("STRICT".into())).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.echo("outsider", echo, "strict", Duration::from_secs(2));
+        if r.is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "STRICT did not refuse plaintext: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(c.echo("client", echo, "mtls", T).unwrap(), "v1 mtls");
+}
