@@ -20,7 +20,8 @@ fn main() {
     if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
         panic!("zmesh-ebpf: /usr/include/bpf/bpf_helpers.h is missing; {INSTALL}");
     }
-    for name in ["zmesh_redirect"] {
+    const PROGRAMS: &[&str] = &["zmesh_redirect"];
+    for name in PROGRAMS {
         let src = format!("src/{name}.bpf.c");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.bpf.o"));

@@ -136,7 +136,7 @@ pub async fn host_interface_for(
         })
         .ok_or_else(|| err("the route has no output interface".into()))?;
     let ifname = ifname_of(ifindex).ok_or_else(|| err(format!("interface {ifindex} vanished")))?;
-    if ifindex == 1 || uplinks.iter().any(|u| *u == ifname) {
+    if ifindex == 1 || uplinks.contains(&ifname) {
         return Err(err(format!(
             "the route goes out of {ifname}, so the pod is not on this node"
         )));

@@ -232,9 +232,11 @@ impl TcBackend {
         let link = p
             .take_link(id)
             .map_err(|e| attach_err(format!("{prog}: {}", chain(&e))))?;
-        let fd: FdLink = link
-            .try_into()
-            .map_err(|e| attach_err(format!("{prog}: not a TCX link ({e}); kernel >= 6.6 needed")))?;
+        let fd: FdLink = link.try_into().map_err(|e| {
+            attach_err(format!(
+                "{prog}: not a TCX link ({e}); kernel >= 6.6 needed"
+            ))
+        })?;
         let _pinned: PinnedLink = fd.pin(pin).map_err(|e| RedirectError::Pin {
             path: pin.display().to_string(),
             detail: chain(&e),
@@ -406,10 +408,7 @@ fn link_alive(pin: &Path) -> bool {
         return false;
     };
     let fd: FdLink = l.into();
-    match fd.info() {
-        // A defunct TCX link has no ifindex anymore; aya 0.14's LinkInfo does not expose it,
-        // so treat "info readable" as alive and let reconcile compare ifindexes.
-        Ok(_) => true,
-        Err(_) => false,
-    }
+    // A TCX link whose device is gone stays readable; aya 0.14's LinkInfo does not expose
+    // its ifindex, so "info readable" counts as alive and reconcile compares ifindexes.
+    fd.info().is_ok()
 }

@@ -130,7 +130,10 @@ pub fn cleanup_stale(root: &str) {
 
 fn remove_netns(name: &str) {
     if let Ok(pids) = ip(&["netns", "pids", name]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             // SAFETY: kill has no memory-safety preconditions; these are processes living in a
             // netns this harness created.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -529,7 +532,10 @@ impl Cluster {
         for i in 0..self.mesh.nodes {
             let node = self.node_ns(i);
             self.add_ns(&node)?;
-            for k in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
+            for k in [
+                "net.ipv4.conf.all.rp_filter",
+                "net.ipv4.conf.default.rp_filter",
+            ] {
                 Self::sysctl(&node, k, "0")?;
             }
             Self::sysctl(&node, "net.ipv4.ip_forward", "1")?;
@@ -633,8 +639,7 @@ impl Cluster {
     pub fn ztunnel_log(&self, i: usize) -> String {
         let mut s = String::new();
         for r in 0..self.restarts {
-            if let Ok(t) = std::fs::read_to_string(self.dir.join(format!("ztunnel-n{i}.{r}.log")))
-            {
+            if let Ok(t) = std::fs::read_to_string(self.dir.join(format!("ztunnel-n{i}.{r}.log"))) {
                 s.push_str(&strip_ansi(&t));
             }
         }
@@ -766,7 +771,12 @@ impl Cluster {
             pod,
             "zmesh-sample-http",
             &[
-                "--port", &port_s, "--service", service, "--version", &version,
+                "--port",
+                &port_s,
+                "--service",
+                service,
+                "--version",
+                &version,
             ],
         )?;
         self.wait_listening(pod, port)
@@ -802,7 +812,13 @@ impl Cluster {
     }
 
     /// Send one line from pod `from` to a TCP echo at `dst`, return the reply line.
-    pub fn echo(&self, from: &str, dst: SocketAddr, line: &str, timeout: Duration) -> io::Result<String> {
+    pub fn echo(
+        &self,
+        from: &str,
+        dst: SocketAddr,
+        line: &str,
+        timeout: Duration,
+    ) -> io::Result<String> {
         let mut s = self.connect(from, dst, timeout)?;
         s.write_all(format!("{line}\n").as_bytes())?;
         let mut buf = Vec::new();
@@ -824,7 +840,13 @@ impl Cluster {
     }
 
     /// Retry [`Cluster::echo`] until it succeeds or `timeout` passes.
-    pub fn echo_eventually(&self, from: &str, dst: SocketAddr, line: &str, timeout: Duration) -> io::Result<String> {
+    pub fn echo_eventually(
+        &self,
+        from: &str,
+        dst: SocketAddr,
+        line: &str,
+        timeout: Duration,
+    ) -> io::Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.echo(from, dst, line, Duration::from_secs(2)) {
@@ -840,11 +862,22 @@ impl Cluster {
         let file = self.dir.join(format!("{name}.pcap"));
         let log = self.dir.join(format!("{name}.tcpdump.log"));
         let mut cmd = command_in(&self.fabric_ns(), "tcpdump")?;
-        cmd.args(["-i", "br0", "-U", "--immediate-mode", "-Z", "root", "-n", "-s", "0", "-w"])
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?);
+        cmd.args([
+            "-i",
+            "br0",
+            "-U",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-n",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log)?);
         let child = cmd.spawn()?;
         // tcpdump says "listening on" once the capture is live.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -935,8 +968,9 @@ pub fn pcap_tcp_port_packets(pcap: &[u8], port: u16) -> usize {
     let mut n = 0;
     let mut off = 24; // global header
     while off + 16 <= pcap.len() {
-        let incl = u32::from_le_bytes([pcap[off + 8], pcap[off + 9], pcap[off + 10], pcap[off + 11]])
-            as usize;
+        let incl =
+            u32::from_le_bytes([pcap[off + 8], pcap[off + 9], pcap[off + 10], pcap[off + 11]])
+                as usize;
         let pkt_start = off + 16;
         let Some(pkt) = pcap.get(pkt_start..pkt_start + incl) else {
             break;

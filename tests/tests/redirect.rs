@@ -72,12 +72,16 @@ fn cross_node_hbone_fail_closed_and_restart() {
 
     // 2. enrolled -> non-enrolled: plain passthrough through the client's ztunnel.
     let plain = addr(&c, "plain", 9000);
-    let reply = c.echo("client", plain, "to-plain", T).expect("client -> plain");
+    let reply = c
+        .echo("client", plain, "to-plain", T)
+        .expect("client -> plain");
     assert_eq!(reply, "v0 to-plain");
 
     // 3. non-enrolled -> enrolled (PERMISSIVE): via node1's 15006; node0's ztunnel not in path.
     let before0 = c.ztunnel_log(0);
-    let reply = c.echo("outsider", echo, "from-outsider", T).expect("outsider -> echo");
+    let reply = c
+        .echo("outsider", echo, "from-outsider", T)
+        .expect("outsider -> echo");
     assert_eq!(reply, "v1 from-outsider");
     let outsider_ip = c.pod("outsider").ip.to_string();
     let after0 = c.ztunnel_log(0);
@@ -86,7 +90,9 @@ fn cross_node_hbone_fail_closed_and_restart() {
         "node0's ztunnel saw the non-enrolled pod's traffic"
     );
     // non-enrolled -> non-enrolled: untouched.
-    let reply = c.echo("outsider", plain, "legacy", T).expect("outsider -> plain");
+    let reply = c
+        .echo("outsider", plain, "legacy", T)
+        .expect("outsider -> plain");
     assert_eq!(reply, "v0 legacy");
 
     // 4. Kill node0's ztunnel: the enrolled client's new connections fail, nothing leaks.
@@ -94,13 +100,24 @@ fn cross_node_hbone_fail_closed_and_restart() {
     let cap = c.capture("killed").unwrap();
     let leak = "ZMESH-LEAK-CHECK-1c2d";
     let r = c.echo("client", echo, leak, Duration::from_secs(2));
-    assert!(r.is_err(), "client reached echo with its ztunnel dead: {r:?}");
+    assert!(
+        r.is_err(),
+        "client reached echo with its ztunnel dead: {r:?}"
+    );
     let r = c.echo("client", plain, leak, Duration::from_secs(2));
-    assert!(r.is_err(), "client reached plain with its ztunnel dead: {r:?}");
+    assert!(
+        r.is_err(),
+        "client reached plain with its ztunnel dead: {r:?}"
+    );
     let pcap = cap.finish().unwrap();
-    assert!(!contains(&pcap, leak.as_bytes()), "plaintext leaked while ztunnel was down");
+    assert!(
+        !contains(&pcap, leak.as_bytes()),
+        "plaintext leaked while ztunnel was down"
+    );
     // The non-enrolled pod on the same node is not affected.
-    let reply = c.echo("outsider", plain, "still-ok", T).expect("outsider -> plain (ztunnel down)");
+    let reply = c
+        .echo("outsider", plain, "still-ok", T)
+        .expect("outsider -> plain (ztunnel down)");
     assert_eq!(reply, "v0 still-ok");
 
     // 5. Restart: pinned state reconciled, traffic flows again.
@@ -133,14 +150,21 @@ fn unenroll_reenroll_and_strict() {
 
     // Un-enroll the client.
     c.update_mesh(|m| {
-        m.pods.iter_mut().find(|p| p.name == "client").unwrap().enrolled = false;
+        m.pods
+            .iter_mut()
+            .find(|p| p.name == "client")
+            .unwrap()
+            .enrolled = false;
     })
     .unwrap();
-    c.wait_enrolled(0, Duration::from_secs(15)).expect("client released");
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("client released");
     let cap = c.capture("unenrolled").unwrap();
     let marker = "ZMESH-DIRECT-4e5f";
     // echo is still enrolled: the client's plaintext reaches node1's 15006 (PERMISSIVE).
-    let reply = c.echo_eventually("client", echo, marker, Duration::from_secs(5)).unwrap();
+    let reply = c
+        .echo_eventually("client", echo, marker, Duration::from_secs(5))
+        .unwrap();
     assert_eq!(reply, format!("v1 {marker}"));
     let pcap = cap.finish().unwrap();
     assert!(
@@ -150,19 +174,30 @@ fn unenroll_reenroll_and_strict() {
 
     // Enroll it again: HBONE again.
     c.update_mesh(|m| {
-        m.pods.iter_mut().find(|p| p.name == "client").unwrap().enrolled = true;
+        m.pods
+            .iter_mut()
+            .find(|p| p.name == "client")
+            .unwrap()
+            .enrolled = true;
     })
     .unwrap();
-    c.wait_enrolled(0, Duration::from_secs(15)).expect("client captured again");
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("client captured again");
     let cap = c.capture("reenrolled").unwrap();
     let marker = "ZMESH-HBONE-AGAIN-8a9b";
-    let reply = c.echo_eventually("client", echo, marker, Duration::from_secs(5)).unwrap();
+    let reply = c
+        .echo_eventually("client", echo, marker, Duration::from_secs(5))
+        .unwrap();
     assert_eq!(reply, format!("v1 {marker}"));
     let pcap = cap.finish().unwrap();
-    assert!(!contains(&pcap, marker.as_bytes()), "re-enrolled traffic went in clear");
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "re-enrolled traffic went in clear"
+    );
 
     // STRICT: plaintext from a non-enrolled pod to an enrolled one is refused; mesh traffic works.
-    c.update_mesh(|m| m.mtls_mode = Some("STRICT".into())).unwrap();
+    c.update_mesh(|m| m.mtls_mode = Some("STRICT".into()))
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let r = c.echo("outsider", echo, "strict", Duration::from_secs(2));

@@ -38,7 +38,11 @@ fn serve(conn: TcpStream, service: &str, version: &str) -> std::io::Result<()> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
     let mut status = 200u16;
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse().unwrap_or(400);
