@@ -5,10 +5,11 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
+use netlink_packet_route::IpProtocol;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
-use netlink_packet_route::rule::{RuleAction, RuleAttribute};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::RedirectError;
@@ -90,6 +91,69 @@ impl PolicyRouting {
                 "cannot add `local 0.0.0.0/0 dev lo table {}`: {e}",
                 self.table
             )));
+        }
+        Ok(())
+    }
+}
+
+impl PolicyRouting {
+    /// Same-node HBONE: ztunnel's own connections to `<pod>:<hbone_port>` and its HBONE
+    /// listener's packets back to `<pod>` are locally generated and would leave through the
+    /// pod's veth (egress, where `bpf_sk_assign` is impossible). Two rules per enrolled local
+    /// pod keep them in the node: `to <pod>/32 iif lo ipproto tcp dport|sport <hbone_port>
+    /// lookup <table>` (the `local 0.0.0.0/0 dev lo` table). `iif lo` limits them to the
+    /// node's own packets; forwarded pod traffic is not affected.
+    pub async fn set_local_hbone_rules(
+        &self,
+        pod: Ipv4Addr,
+        hbone_port: u16,
+        present: bool,
+    ) -> Result<(), RedirectError> {
+        let handle = connect().await?;
+        for dport in [true, false] {
+            let mut msg = RuleMessage::default();
+            msg.header.family = AddressFamily::Inet;
+            msg.header.dst_len = 32;
+            msg.header.action = RuleAction::ToTable;
+            if self.table < 256 {
+                msg.header.table = self.table as u8;
+            }
+            let range = RulePortRange {
+                start: hbone_port,
+                end: hbone_port,
+            };
+            msg.attributes.extend([
+                RuleAttribute::Destination(IpAddr::V4(pod)),
+                RuleAttribute::Iifname("lo".into()),
+                RuleAttribute::IpProtocol(IpProtocol::Tcp),
+                if dport {
+                    RuleAttribute::DestinationPortRange(range)
+                } else {
+                    RuleAttribute::SourcePortRange(range)
+                },
+                RuleAttribute::Table(self.table),
+                RuleAttribute::Priority(self.priority),
+            ]);
+            let what = format!(
+                "to {pod}/32 iif lo ipproto tcp {} {hbone_port} lookup {}",
+                if dport { "dport" } else { "sport" },
+                self.table
+            );
+            if present {
+                let mut req = handle.rule().add();
+                *req.message_mut() = msg;
+                if let Err(e) = req.execute().await
+                    && !is_exists(&e)
+                {
+                    return Err(RedirectError::Routing(format!("cannot add `{what}`: {e}")));
+                }
+            } else if let Err(e) = handle.rule().del(msg).execute().await
+                && !matches!(&e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENOENT)
+            {
+                return Err(RedirectError::Routing(format!(
+                    "cannot delete `{what}`: {e}"
+                )));
+            }
         }
         Ok(())
     }

@@ -89,6 +89,17 @@ pub struct TcBackend {
     ebpf: Option<Ebpf>,
 }
 
+impl TcOptions {
+    fn routing(&self) -> PolicyRouting {
+        PolicyRouting {
+            mark: PROXY_MARK,
+            mask: PROXY_MARK_MASK,
+            table: self.route_table,
+            priority: self.rule_priority,
+        }
+    }
+}
+
 /// An error with its sources (aya's Display leaves out the errno).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -254,14 +265,7 @@ impl RedirectBackend for TcBackend {
     async fn prepare(&mut self) -> Result<(), RedirectError> {
         let dir = self.opts.bpffs_dir.clone();
         ensure_bpffs(&dir)?;
-        PolicyRouting {
-            mark: PROXY_MARK,
-            mask: PROXY_MARK_MASK,
-            table: self.opts.route_table,
-            priority: self.opts.rule_priority,
-        }
-        .install()
-        .await?;
+        self.opts.routing().install().await?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .load(REDIRECT_OBJ)
@@ -328,6 +332,10 @@ impl RedirectBackend for TcBackend {
         if !attached {
             self.attach_pinned(FROM_POD, &pod.host_ifname, &pin)?;
         }
+        self.opts
+            .routing()
+            .set_local_hbone_rules(pod.ip, self.opts.hbone_port, true)
+            .await?;
         // The map entry is what switches capture on, in both directions at once.
         self.pods()?
             .insert(
@@ -355,6 +363,14 @@ impl RedirectBackend for TcBackend {
             && let Err(e) = std::fs::remove_file(&pin)
         {
             warn!(%ip, "cannot remove {}: {e}", pin.display());
+        }
+        if let Err(e) = self
+            .opts
+            .routing()
+            .set_local_hbone_rules(ip, self.opts.hbone_port, false)
+            .await
+        {
+            warn!(%ip, "{e}");
         }
         info!(%ip, "pod released");
         Ok(())

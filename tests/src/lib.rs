@@ -646,6 +646,21 @@ impl Cluster {
         s
     }
 
+    /// Wait until a line of node `i`'s ztunnel log satisfies `pred` (access logs are written
+    /// when a connection ends, a moment after the client saw its reply).
+    pub fn wait_log_line(&self, i: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ztunnel_log(i).lines().any(&pred) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `GET path` on node `i`'s admin port (127.0.0.1:15000 inside the node netns).
     pub fn admin_get(&self, i: usize, path: &str) -> io::Result<String> {
         let path = path.to_string();

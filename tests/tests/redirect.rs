@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use zmesh_tests::{Cluster, PodSpec, contains, pcap_tcp_port_packets, require_root};
+use zmesh_tests::{Cluster, PodSpec, ServiceSpec, contains, pcap_tcp_port_packets, require_root};
 
 const T: Duration = Duration::from_secs(3);
 
@@ -62,12 +62,12 @@ fn cross_node_hbone_fail_closed_and_restart() {
         "plaintext to the app port crossed the fabric"
     );
     let client_id = c.pod("client").identity();
-    let log1 = c.ztunnel_log(1);
     assert!(
-        log1.lines()
-            .any(|l| l.contains("direction=\"inbound\"") || l.contains("direction=inbound"))
-            && log1.contains(&client_id),
-        "node1's access log does not show the source identity {client_id}:\n{log1}"
+        c.wait_log_line(1, T, |l| l.contains("connection complete")
+            && l.contains("direction=\"inbound\"")
+            && l.contains(&format!("src.identity=\"{client_id}\""))),
+        "node1's access log does not show the source identity {client_id}:\n{}",
+        c.ztunnel_log(1)
     );
 
     // 2. enrolled -> non-enrolled: plain passthrough through the client's ztunnel.
@@ -211,4 +211,157 @@ fn unenroll_reenroll_and_strict() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(c.echo("client", echo, "mtls", T).unwrap(), "v1 mtls");
+}
+
+/// Same-node enrolled → enrolled goes through HBONE too; a Service VIP (no kube-proxy, no
+/// route for it) is load-balanced across endpoints on both nodes; L4 AuthorizationPolicy by
+/// namespace + port, by principal, and by ipBlocks applies while traffic flows (a live
+/// connection that becomes denied is closed).
+#[test]
+fn same_node_vip_and_authz() {
+    if !require_root("same_node_vip_and_authz") {
+        return;
+    }
+    let mut c = Cluster::builder()
+        .nodes(2)
+        .pod(PodSpec::new("client", "client-ns", 0, true))
+        .pod(PodSpec::new("echo-a", "server-ns", 0, true).version("v2"))
+        .pod(PodSpec::new("outsider", "legacy", 0, false))
+        .pod(PodSpec::new("echo", "server-ns", 1, true))
+        .service(ServiceSpec {
+            name: "echo".into(),
+            namespace: "server-ns".into(),
+            vip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            target_port: 9000,
+            pods: vec!["echo".into(), "echo-a".into()],
+        })
+        .build()
+        .expect("building the netns cluster");
+    c.start_tcp_echo("echo", 9000).unwrap();
+    c.start_tcp_echo("echo-a", 9000).unwrap();
+    let client_id = c.pod("client").identity();
+
+    // Same node, through node0's HBONE listener.
+    let echo_a = addr(&c, "echo-a", 9000);
+    assert_eq!(
+        c.echo("client", echo_a, "same-node", T).unwrap(),
+        "v2 same-node"
+    );
+    assert!(
+        c.wait_log_line(0, T, |l| l.contains("hbone_server")
+            && l.contains("connection complete")
+            && l.contains(&client_id)),
+        "same-node connection did not go through HBONE:\n{}",
+        c.ztunnel_log(0)
+    );
+
+    // VIP load balancing across both nodes.
+    let vip = SocketAddr::from(([10, 96, 0, 10], 80));
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        let r = c
+            .echo("client", vip, &format!("lb{i}"), T)
+            .expect("client -> VIP");
+        seen.insert(r.split(' ').next().unwrap_or_default().to_string());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec!["v1", "v2"],
+        "VIP traffic did not reach both endpoints"
+    );
+
+    // Authorization while traffic flows: a live connection, then deny by namespace + port.
+    let echo = addr(&c, "echo", 9000);
+    let mut live = c.connect("client", echo, T).unwrap();
+    assert_eq!(line(&mut live, "live-1"), Some("v1 live-1".into()));
+    c.update_mesh(|m| {
+        m.policies = vec![
+            r#"- name: deny-client-ns
+  namespace: server-ns
+  action: Deny
+  rules:
+  - - - namespaces: ["client-ns"]
+    - - destinationPorts: [9000]"#
+                .into(),
+        ]
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(10), "deny by namespace+port", || {
+        c.echo("client", echo, "denied?", Duration::from_secs(2))
+            .is_err()
+    });
+    assert_eq!(
+        line(&mut live, "live-2"),
+        None,
+        "a live connection survived a policy that denies it"
+    );
+    // Other namespaces are still allowed (echo-a's pod, in server-ns, as a client).
+    assert_eq!(c.echo("echo-a", echo, "ok", T).unwrap(), "v1 ok");
+
+    // ALLOW by principal: only the client; the plaintext outsider has none.
+    c.update_mesh(|m| {
+        m.policies = vec![format!(
+            r#"- name: allow-client
+  namespace: server-ns
+  action: Allow
+  rules:
+  - - - principals: ["{}"]"#,
+            client_id.trim_start_matches("spiffe://")
+        )]
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(10), "allow by principal", || {
+        c.echo("client", echo, "allowed", Duration::from_secs(2))
+            .is_ok()
+            && c.echo("outsider", echo, "x", Duration::from_secs(2))
+                .is_err()
+    });
+
+    // ipBlocks: deny the client's address.
+    let client_ip = c.pod("client").ip;
+    c.update_mesh(|m| {
+        m.policies = vec![format!(
+            r#"- name: deny-ip
+  namespace: server-ns
+  action: Deny
+  rules:
+  - - - sourceIps: ["{client_ip}/32"]"#
+        )]
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(10), "deny by ipBlock", || {
+        c.echo("client", echo, "ip?", Duration::from_secs(2))
+            .is_err()
+            && c.echo("outsider", echo, "y", Duration::from_secs(2))
+                .is_ok()
+    });
+}
+
+fn line(s: &mut std::net::TcpStream, text: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    s.write_all(format!("{text}\n").as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if b[0] == b'\n' => return Some(String::from_utf8_lossy(&buf).into_owned()),
+            Ok(_) => buf.push(b[0]),
+        }
+    }
+}
+
+fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
