@@ -126,6 +126,14 @@ pub trait RedirectBackend: Send {
     /// What is captured now.
     fn enrolled(&self) -> Result<Vec<PodRedirect>, RedirectError>;
 
+    /// Local pods that are NOT enrolled. Their connections to enrolled pods must still reach
+    /// the proxy (inbound capture, PeerAuthentication), and replies to the proxy's
+    /// source-preserving sockets must reach the proxy; the tc backend hooks their veths for
+    /// that (traffic between two non-enrolled pods is untouched). Default: nothing to do.
+    async fn set_local_peers(&mut self, _pods: &[PodRedirect]) -> Result<(), RedirectError> {
+        Ok(())
+    }
+
     /// Packet counters, when the backend has them.
     fn stats(&self) -> Option<RedirectStats> {
         None

@@ -7,6 +7,7 @@
 //! | `zm_cfg`, `zm_pods`, `zm_stats` | the maps (pinned by name, reused by the next run) |
 //! | `link_pod_<a_b_c_d>` | `zm_from_pod` on the host side of that pod's veth |
 //! | `link_uplink_<ifname>` | `zm_to_pod` on an uplink |
+//! | `link_peer_<a_b_c_d>_<ifindex>` | `zm_to_pod` on a non-enrolled local pod's veth |
 //!
 //! Everything stays attached when ztunnel exits, so enrolled pods stay captured — and, with
 //! no listener, their new connections are dropped (fail closed) — until the next run
@@ -399,6 +400,44 @@ impl RedirectBackend for TcBackend {
         }
         out.sort_by_key(|p| p.ip);
         Ok(out)
+    }
+
+    async fn set_local_peers(&mut self, pods: &[PodRedirect]) -> Result<(), RedirectError> {
+        let dir = self.opts.bpffs_dir.clone();
+        let name = |p: &PodRedirect| {
+            format!(
+                "link_peer_{}_{}",
+                p.ip.to_string().replace('.', "_"),
+                p.host_ifindex
+            )
+        };
+        let wanted: Vec<String> = pods.iter().map(name).collect();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("link_peer_") && !wanted.contains(&n) {
+                    debug!(pin = %n, "releasing the hook of a pod no longer a local peer");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let mut first_err = None;
+        for p in pods {
+            let pin = dir.join(name(p));
+            if pin.exists() && link_alive(&pin) {
+                continue;
+            }
+            match self.attach_pinned(TO_POD, &p.host_ifname, &pin) {
+                Ok(()) => {
+                    info!(ip = %p.ip, ifname = %p.host_ifname, "local non-enrolled pod hooked")
+                }
+                Err(e) => {
+                    warn!(ip = %p.ip, "{e}");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     fn stats(&self) -> Option<RedirectStats> {

@@ -6,7 +6,8 @@
  *                 Packets of existing node sockets (proxied flows, replies to ztunnel's
  *                 spoofed upstream sockets) go to that socket; new TCP connections go to the
  *                 outbound listener (15001). No listener -> DROP (fail closed).
- *   zm_to_pod   : ingress of the node's uplink(s) (remote -> enrolled local pod).
+ *   zm_to_pod   : ingress of the node's uplink(s) (remote -> enrolled local pod), and of the
+ *                 veths of local pods that are not enrolled (local pod -> enrolled pod).
  *                 Existing node sockets first; new connections to an enrolled pod go to
  *                 the HBONE listener (dport 15008) or the inbound plaintext listener (15006).
  *                 No listener -> DROP (fail closed).
@@ -134,6 +135,9 @@ static __always_inline int steer(struct __sk_buff *skb, int from_pod)
 	/* from a pod: only enrolled sources (a link left behind after unenroll does nothing);
 	 * to a pod: only enrolled destinations. */
 	if (!bpf_map_lookup_elem(&zm_pods, from_pod ? &ip->saddr : &ip->daddr))
+		return TC_ACT_OK;
+	/* zm_to_pod on a local pod's veth whose pod just became enrolled: zm_from_pod owns it. */
+	if (!from_pod && bpf_map_lookup_elem(&zm_pods, &ip->saddr))
 		return TC_ACT_OK;
 
 	cfg = bpf_map_lookup_elem(&zm_cfg, &zero);

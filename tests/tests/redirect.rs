@@ -213,7 +213,8 @@ fn unenroll_reenroll_and_strict() {
     assert_eq!(c.echo("client", echo, "mtls", T).unwrap(), "v1 mtls");
 }
 
-/// Same-node enrolled → enrolled goes through HBONE too; a Service VIP (no kube-proxy, no
+/// Same-node enrolled → enrolled goes through HBONE too, same-node non-enrolled → enrolled
+/// through the inbound plaintext listener, enrolled → non-enrolled passes through; a Service VIP (no kube-proxy, no
 /// route for it) is load-balanced across endpoints on both nodes; L4 AuthorizationPolicy by
 /// namespace + port, by principal, and by ipBlocks applies while traffic flows (a live
 /// connection that becomes denied is closed).
@@ -254,6 +255,27 @@ fn same_node_vip_and_authz() {
             && l.contains(&client_id)),
         "same-node connection did not go through HBONE:\n{}",
         c.ztunnel_log(0)
+    );
+
+    // Same node, non-enrolled <-> enrolled: the outsider's plaintext goes through node0's
+    // 15006 (not around it), and the client's connection to the outsider passes through.
+    c.start_tcp_echo("outsider", 9000).unwrap();
+    let outsider = addr(&c, "outsider", 9000);
+    let outsider_ip = c.pod("outsider").ip.to_string();
+    assert_eq!(
+        c.echo("outsider", echo_a, "plain-in", T).unwrap(),
+        "v2 plain-in"
+    );
+    assert!(
+        c.wait_log_line(0, T, |l| l.contains("inbound_plaintext")
+            && l.contains("connection complete")
+            && l.contains(&format!("src.addr={outsider_ip}:"))),
+        "same-node plaintext to an enrolled pod bypassed ztunnel:\n{}",
+        c.ztunnel_log(0)
+    );
+    assert_eq!(
+        c.echo("client", outsider, "to-legacy", T).unwrap(),
+        "v1 to-legacy"
     );
 
     // VIP load balancing across both nodes.

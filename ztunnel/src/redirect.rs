@@ -152,12 +152,13 @@ pub async fn run(
     }
 }
 
-/// IPv4 addresses of the workloads this node must capture.
-pub fn desired_ips(pi: &ProxyInputs) -> Vec<Ipv4Addr> {
+/// IPv4 addresses of the workloads this node must capture (`enrolled`), or of its other
+/// local workloads (`!enrolled`).
+pub fn local_ips(pi: &ProxyInputs, enrolled: bool) -> Vec<Ipv4Addr> {
     let state = pi.state.read();
     let mut ips: Vec<Ipv4Addr> = state
         .workloads()
-        .filter(|w| w.node == pi.cfg.node && w.protocol == TunnelProtocol::Hbone)
+        .filter(|w| w.node == pi.cfg.node && (w.protocol == TunnelProtocol::Hbone) == enrolled)
         .flat_map(|w| w.addresses.clone())
         .filter_map(|a| match a {
             IpAddr::V4(v4) => Some(v4),
@@ -178,7 +179,7 @@ async fn reconcile_once(
     let current = backend.enrolled().unwrap_or_default();
     let mut desired = Vec::new();
     let mut pending = BTreeMap::new();
-    for ip in desired_ips(pi) {
+    for ip in local_ips(pi, true) {
         match host_interface_for(ip, &rc.uplinks).await {
             Ok((host_ifname, host_ifindex)) => desired.push(PodRedirect {
                 ip,
@@ -195,6 +196,22 @@ async fn reconcile_once(
         }
     }
     let report = backend.reconcile(&desired).await;
+    let mut peers = Vec::new();
+    for ip in local_ips(pi, false) {
+        match host_interface_for(ip, &rc.uplinks).await {
+            Ok((host_ifname, host_ifindex)) => peers.push(PodRedirect {
+                ip,
+                host_ifname,
+                host_ifindex,
+            }),
+            Err(e) => {
+                pending.insert(ip.to_string(), format!("(not enrolled) {e}"));
+            }
+        }
+    }
+    if let Err(e) = backend.set_local_peers(&peers).await {
+        warn!("redirection: hooking local non-enrolled pods: {e}");
+    }
     for e in &report.errors {
         warn!("redirection: {e}");
     }
