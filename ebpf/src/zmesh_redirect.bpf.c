@@ -11,7 +11,8 @@
  *                 Existing node sockets first; new connections to an enrolled pod go to
  *                 the HBONE listener (dport 15008) or the inbound plaintext listener (15006).
  *                 No listener -> DROP (fail closed).
- * Only IPv4/TCP with a 20-byte IP header is steered; everything else passes. */
+ * Only IPv4/TCP with a 20-byte IP header is steered; an enrolled pod's TCP with IP options
+ * is dropped; everything else (IPv6, UDP, ...) passes. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -126,8 +127,16 @@ static __always_inline int steer(struct __sk_buff *skb, int from_pod)
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP || ip->ihl != 5)
+	if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
 		return TC_ACT_OK;
+	if (ip->ihl != 5) {
+		/* IP options are not parsed: never let an enrolled pod's TCP out that way. */
+		if (from_pod && bpf_map_lookup_elem(&zm_pods, &ip->saddr)) {
+			stat(ZM_STAT_DROP_UNOWNED);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_OK;
+	}
 	tcp = (void *)(ip + 1);
 	if ((void *)(tcp + 1) > data_end)
 		return TC_ACT_OK;
