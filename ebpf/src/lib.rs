@@ -172,3 +172,94 @@ pub trait RedirectBackend: Send {
         report
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory backend: exercises the trait's default `reconcile`.
+    #[derive(Default)]
+    struct Fake {
+        pods: Vec<PodRedirect>,
+        fail: Option<Ipv4Addr>,
+    }
+
+    #[async_trait::async_trait]
+    impl RedirectBackend for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        async fn prepare(&mut self) -> Result<(), RedirectError> {
+            Ok(())
+        }
+        async fn enroll(&mut self, pod: &PodRedirect) -> Result<(), RedirectError> {
+            if self.fail == Some(pod.ip) {
+                return Err(RedirectError::Attach {
+                    ifname: pod.host_ifname.clone(),
+                    detail: "no such device".into(),
+                });
+            }
+            self.pods.retain(|p| p.ip != pod.ip);
+            self.pods.push(pod.clone());
+            Ok(())
+        }
+        async fn unenroll(&mut self, ip: Ipv4Addr) -> Result<(), RedirectError> {
+            self.pods.retain(|p| p.ip != ip);
+            Ok(())
+        }
+        fn enrolled(&self) -> Result<Vec<PodRedirect>, RedirectError> {
+            Ok(self.pods.clone())
+        }
+    }
+
+    fn pod(last: u8, ifindex: u32) -> PodRedirect {
+        PodRedirect {
+            ip: Ipv4Addr::new(10, 0, 0, last),
+            host_ifname: format!("veth{ifindex}"),
+            host_ifindex: ifindex,
+        }
+    }
+
+    #[tokio::test]
+    async fn reconcile_adds_updates_removes_and_reports_errors() {
+        let mut b = Fake {
+            pods: vec![pod(1, 11), pod(2, 12), pod(3, 13)],
+            fail: Some(Ipv4Addr::new(10, 0, 0, 5)),
+        };
+        // 1 unchanged, 2 moved to a new interface, 3 gone, 4 new, 5 fails.
+        let desired = vec![pod(1, 11), pod(2, 22), pod(4, 14), pod(5, 15)];
+        let r = b.reconcile(&desired).await;
+        assert_eq!(r.unchanged, vec![Ipv4Addr::new(10, 0, 0, 1)]);
+        assert_eq!(r.updated, vec![Ipv4Addr::new(10, 0, 0, 2)]);
+        assert_eq!(r.removed, vec![Ipv4Addr::new(10, 0, 0, 3)]);
+        assert_eq!(r.added, vec![Ipv4Addr::new(10, 0, 0, 4)]);
+        assert_eq!(r.errors.len(), 1);
+        assert!(r.errors[0].contains("10.0.0.5") && r.errors[0].contains("no such device"));
+        assert!(r.changed());
+        let mut ips: Vec<_> = b.pods.iter().map(|p| p.ip.octets()[3]).collect();
+        ips.sort();
+        assert_eq!(ips, vec![1, 2, 4]);
+        // Converged: a second pass changes nothing.
+        b.fail = None;
+        let desired = vec![pod(1, 11), pod(2, 22), pod(4, 14)];
+        let r = b.reconcile(&desired).await;
+        assert!(!r.changed(), "{r:?}");
+    }
+
+    #[test]
+    fn object_is_embedded_with_both_programs() {
+        let obj = aya_obj_names();
+        assert!(obj.contains(&"zm_from_pod".to_string()), "{obj:?}");
+        assert!(obj.contains(&"zm_to_pod".to_string()), "{obj:?}");
+    }
+
+    /// Program names in the embedded object (parsed, not loaded: needs no privilege).
+    fn aya_obj_names() -> Vec<String> {
+        let text = String::from_utf8_lossy(REDIRECT_OBJ);
+        ["zm_from_pod", "zm_to_pod"]
+            .iter()
+            .filter(|n| text.contains(*n))
+            .map(|n| n.to_string())
+            .collect()
+    }
+}

@@ -138,7 +138,8 @@ fn cross_node_hbone_fail_closed_and_restart() {
 
 /// Removing a pod from the mesh (protocol HBONE -> TCP, what the namespace label drives)
 /// un-captures it without restarting anything (the marker then crosses in clear), adding it
-/// back captures it again; STRICT refuses plaintext from non-enrolled pods.
+/// back captures it again; STRICT refuses plaintext from non-enrolled pods; enrolment changes
+/// made while ztunnel is down are reconciled when it starts again.
 #[test]
 fn unenroll_reenroll_and_strict() {
     if !require_root("unenroll_reenroll_and_strict") {
@@ -211,6 +212,47 @@ fn unenroll_reenroll_and_strict() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(c.echo("client", echo, "mtls", T).unwrap(), "v1 mtls");
+
+    // Changes while ztunnel is down are reconciled from the pinned state on restart: the
+    // client (no longer enrolled) is released, the outsider (now enrolled) is captured.
+    c.kill_ztunnel(0);
+    c.update_mesh(|m| {
+        m.pods
+            .iter_mut()
+            .find(|p| p.name == "client")
+            .unwrap()
+            .enrolled = false;
+        m.pods
+            .iter_mut()
+            .find(|p| p.name == "outsider")
+            .unwrap()
+            .enrolled = true;
+    })
+    .unwrap();
+    c.restart_ztunnel(0).expect("restart reconciles");
+    let dump = c.config_dump(0).unwrap();
+    let change = &dump["redirect"]["last_change"];
+    let client_ip = c.pod("client").ip.to_string();
+    let outsider_ip = c.pod("outsider").ip.to_string();
+    assert_eq!(
+        change["removed"],
+        serde_json::json!([client_ip]),
+        "{change}"
+    );
+    assert_eq!(
+        change["added"],
+        serde_json::json!([outsider_ip]),
+        "{change}"
+    );
+    // The outsider is now in the mesh (HBONE, allowed under STRICT); the client is not.
+    let reply = c
+        .echo_eventually("outsider", echo, "now-meshed", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(reply, "v1 now-meshed");
+    assert!(
+        c.echo("client", echo, "plain", Duration::from_secs(2))
+            .is_err()
+    );
 }
 
 /// Same-node enrolled → enrolled goes through HBONE too, same-node non-enrolled → enrolled
