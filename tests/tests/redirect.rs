@@ -70,6 +70,16 @@ fn cross_node_hbone_fail_closed_and_restart() {
         c.ztunnel_log(1)
     );
 
+    // 1b. The HTTP sample through the mesh: service/version and the request headers echoed.
+    c.start_http("echo", "reviews", 8080).expect("http app");
+    let body = http_get(&c, "client", addr(&c, "echo", 8080), "/").expect("GET /");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(v["service"], "reviews", "{v}");
+    assert_eq!(v["version"], "v1", "{v}");
+    assert_eq!(v["headers"]["x-zmesh-test"], "yes", "{v}");
+    let status = http_get(&c, "client", addr(&c, "echo", 8080), "/status/503");
+    assert!(status.is_err_and(|e| e.contains("503")), "/status/503");
+
     // 2. enrolled -> non-enrolled: plain passthrough through the client's ztunnel.
     let plain = addr(&c, "plain", 9000);
     let reply = c
@@ -427,5 +437,25 @@ fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
             "timed out waiting for: {what}"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `GET path` from a pod; Ok(body) on 200, Err(status line) otherwise.
+fn http_get(c: &Cluster, from: &str, dst: SocketAddr, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = c.connect(from, dst, T).map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: reviews\r\nX-Zmesh-Test: yes\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let (head, body) = out.split_once("\r\n\r\n").ok_or(out.clone())?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(body.to_string())
+    } else {
+        Err(status.to_string())
     }
 }
