@@ -61,6 +61,7 @@ pub struct Ztunnel {
 struct Dump {
     pi: Arc<ProxyInputs>,
     addrs: BoundAddrs,
+    redirect: Option<crate::redirect::StatusHandle>,
 }
 
 impl AdminHandler for Dump {
@@ -83,6 +84,7 @@ impl AdminHandler for Dump {
             "certificates": self.pi.certs.dump(),
             "inbound_connections": self.pi.connections.len(),
             "hbone_pool_connections": self.pi.pool.connections(),
+            "redirect": self.redirect.as_ref().and_then(|r| r.lock().ok().map(|s| serde_json::json!(*s))),
         })
     }
 }
@@ -218,11 +220,16 @@ impl Ztunnel {
             tokio::spawn(socks5::serve(pi.clone(), l));
         }
 
+        // eBPF capture of enrolled pods (after the listeners are bound).
+        let redirect = (cfg.redirect.clone())
+            .map(|rc| crate::redirect::spawn(pi.clone(), rc, servers.clone()));
+
         // Admin, metrics, readiness.
         if let Some(l) = admin_l {
             let handler = Arc::new(Dump {
                 pi: pi.clone(),
                 addrs: addrs.clone(),
+                redirect,
             });
             let (q, s) = (quit.clone(), servers.clone());
             tokio::spawn(async move {

@@ -53,6 +53,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// YAML file with workloads/services/policies (the local config source).
     pub local_config: Option<PathBuf>,
+    /// eBPF capture of enrolled pods (needs root); `None`: no redirection.
+    pub redirect: Option<crate::redirect::RedirectConfig>,
 }
 
 impl Default for Config {
@@ -79,6 +81,7 @@ impl Default for Config {
             h2: H2Config::default(),
             drain_grace: Duration::from_secs(5),
             local_config: None,
+            redirect: None,
         }
     }
 }

@@ -12,6 +12,7 @@
 pub mod app;
 pub mod config;
 pub mod proxy;
+pub mod redirect;
 
 pub use app::Ztunnel;
 pub use config::Config;

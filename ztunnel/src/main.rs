@@ -94,6 +94,18 @@ struct Args {
     /// Certificate lifetime, in seconds.
     #[arg(long, default_value_t = 86400)]
     cert_lifetime_secs: u64,
+    /// Capture enrolled pods with eBPF (tc + bpf_sk_assign); implies --transparent. Needs root.
+    #[arg(long)]
+    redirect: bool,
+    /// bpffs directory for the pinned redirection maps and links.
+    #[arg(long, default_value = zmesh_ebpf::DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// Interface where other nodes' traffic arrives (repeatable; with --redirect).
+    #[arg(long = "uplink")]
+    uplinks: Vec<String>,
+    /// This node's own address (repeatable): HBONE arriving on it may target any local pod.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<std::net::IpAddr>,
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
@@ -209,7 +221,12 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         admin_addr: Some(args.admin),
         metrics_addr: Some(args.metrics),
         readiness_addr: Some(args.readiness),
-        transparent: args.transparent,
+        transparent: args.transparent || args.redirect,
+        node_ips: args.node_ips,
+        redirect: args.redirect.then(|| ztunnel::redirect::RedirectConfig {
+            bpffs_dir: args.bpffs_dir.clone(),
+            uplinks: args.uplinks.clone(),
+        }),
         keep_source_address: args.keep_source_address,
         trust_domain,
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
