@@ -364,4 +364,74 @@ async fn seeds_scenarios() {
     mesh.set_waypoint(true);
     let m = count_versions(&mesh, 10, &[]).await;
     assert_eq!(m.get("reviews-v1"), Some(&10), "{m:?}");
+
+    // Bypass: a client that tunnels straight to the reviews pod (service-addressed, not via
+    // the waypoint) is refused by the destination ztunnel with 401, as Istio does.
+    let b_port = mesh.b.addrs.hbone.unwrap().port();
+    let key = zmesh_core::hbone::pool::WorkloadKey {
+        src_id: "spiffe://cluster.local/ns/default/sa/productpage"
+            .parse()
+            .unwrap(),
+        dst_id: vec![
+            "spiffe://cluster.local/ns/default/sa/reviews"
+                .parse()
+                .unwrap(),
+        ],
+        dst: SocketAddr::new(ip("127.0.0.21"), b_port),
+        src: ip(CLIENT_IP),
+    };
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        "forwarded",
+        "for=\"127.0.0.10:1234\";host=reviews.default.svc.cluster.local"
+            .parse()
+            .unwrap(),
+    );
+    let req = zmesh_core::hbone::pool::ConnectRequest {
+        authority: "127.0.0.21:9080".into(),
+        headers: h,
+    };
+    match mesh.a.pool().connect(&key, req).await {
+        Err(zmesh_core::hbone::HboneError::Status { status, .. }) => {
+            assert_eq!(status.as_u16(), 401)
+        }
+        other => panic!(
+            "bypass must be refused with 401, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+
+    // A waypoint that is down fails requests; traffic never bypasses it.
+    mesh.wp.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let r = match socks_connect(
+            mesh.socks(),
+            ip(CLIENT_IP),
+            SocketAddr::new(ip(REVIEWS_VIP), 9080),
+        )
+        .await
+        {
+            Err(_) => None,
+            Ok(s) => {
+                let (mut send, conn) = hyper::client::conn::http1::handshake::<
+                    _,
+                    http_body_util::Full<bytes::Bytes>,
+                >(hyper_util::rt::TokioIo::new(s))
+                .await
+                .unwrap();
+                tokio::spawn(conn);
+                let req = hyper::Request::get("/reviews/0")
+                    .header("host", "reviews")
+                    .body(Default::default())
+                    .unwrap();
+                tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .map(|r| r.status().as_u16())
+            }
+        };
+        assert_ne!(r, Some(200), "no bypass while the waypoint is down");
+    }
 }
