@@ -140,6 +140,32 @@ impl ConnectHandler for Inbound {
             responder.reject(StatusCode::BAD_REQUEST);
             return;
         }
+        // A destination behind a waypoint only accepts traffic from that waypoint (Istio
+        // refuses waypoint bypass). Service-addressed traffic is checked against the service's
+        // waypoint, all traffic against the workload's.
+        let waypoints: Vec<_> = [
+            dst.waypoint.clone(),
+            service.as_ref().and_then(|s| s.waypoint.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !waypoints.is_empty() {
+            let st = pi.state.read();
+            let from_waypoint = waypoints.iter().any(|gw| {
+                super::outbound::resolve_waypoint(&st, gw)
+                    .is_some_and(|(w, _)| Some(w.identity()) == conn.peer_identity)
+            });
+            if !from_waypoint {
+                info!(
+                    src = ?conn.peer_identity.as_ref().map(|i| i.to_string()),
+                    dst = %target,
+                    "connection refused: the destination uses a waypoint and the peer is not it"
+                );
+                responder.reject(StatusCode::UNAUTHORIZED);
+                return;
+            }
+        }
         let src = self.source_workload(conn.peer.ip(), &conn);
         let mut labels = traffic_labels(
             Reporter::Destination,

@@ -20,7 +20,7 @@ use zmesh_core::hbone::{HboneError, next_connection_id};
 use zmesh_core::identity::Identity;
 use zmesh_core::metrics::{ConnectionRecorder, Reporter, ResponseFlags, SecurityPolicy, TcpLabels};
 use zmesh_core::socket::{self, ConnectOptions, SocketError};
-use zmesh_core::state::{Service, TunnelProtocol, Workload};
+use zmesh_core::state::{GatewayAddress, GatewayDestination, Service, TunnelProtocol, Workload};
 use zmesh_core::telemetry::AccessLog;
 
 use super::{ProxyInputs, traffic_labels};
@@ -100,11 +100,66 @@ enum Plan {
     },
 }
 
+/// The waypoint workload and its HBONE address for a `GatewayAddress`.
+pub(crate) fn resolve_waypoint(
+    state: &zmesh_core::state::ProxyState,
+    gw: &GatewayAddress,
+) -> Option<(Arc<Workload>, SocketAddr)> {
+    match &gw.destination {
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => {
+            let svc = state
+                .service_by_host(&format!("{namespace}/{hostname}"))
+                .or_else(|| state.service_by_host(hostname))?;
+            let port = svc
+                .ports
+                .first()
+                .map(|p| p.service_port)
+                .unwrap_or(gw.hbone_mtls_port);
+            let (w, _) = state.endpoints(&svc, port).into_iter().next()?;
+            let ip = *w.addresses.first()?;
+            Some((w, SocketAddr::new(ip, gw.hbone_mtls_port)))
+        }
+        GatewayDestination::Address { ip, .. } => {
+            let w = state.workload_by_ip(*ip)?;
+            Some((w, SocketAddr::new(*ip, gw.hbone_mtls_port)))
+        }
+    }
+}
+
 fn plan(
     pi: &ProxyInputs,
+    src_ip: IpAddr,
     orig_dst: SocketAddr,
 ) -> Result<(Plan, Option<Arc<Service>>), OutboundError> {
     let state = pi.state.read();
+    // A destination that uses a waypoint is tunneled to the waypoint, with the original
+    // destination as the CONNECT authority (Istio ambient). The waypoint's own traffic never is.
+    let svc_for_wp = state.service_by_vip(orig_dst.ip());
+    let wp = svc_for_wp
+        .as_ref()
+        .and_then(|s| s.waypoint.clone())
+        .or_else(|| {
+            state
+                .workload_by_ip(orig_dst.ip())
+                .and_then(|w| w.waypoint.clone())
+        });
+    if let Some(gw) = wp
+        && let Some((w, hbone_addr)) = resolve_waypoint(&state, &gw)
+        && !w.addresses.contains(&src_ip)
+    {
+        return Ok((
+            Plan::Hbone {
+                expected: vec![w.identity()],
+                dst: w,
+                dst_addr: orig_dst,
+                hbone_addr,
+            },
+            svc_for_wp,
+        ));
+    }
     let mut service = None;
     let (dst, dst_addr) = if let Some(svc) = state.service_by_vip(orig_dst.ip()) {
         let Some(port) = svc.ports.iter().find(|p| p.service_port == orig_dst.port()) else {
@@ -236,7 +291,7 @@ pub async fn connect(
     if pi.illegal_ports.contains(&orig_dst.port()) && pi.local_workload(orig_dst.ip()).is_some() {
         return Err(OutboundError::SelfCall(orig_dst));
     }
-    let (plan, service) = match plan(pi, orig_dst) {
+    let (plan, service) = match plan(pi, src_addr.ip(), orig_dst) {
         Ok(p) => p,
         Err(e) => {
             let labels = traffic_labels(

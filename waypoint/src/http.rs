@@ -1,0 +1,1000 @@
+//! The HTTP pipeline of one request: L7 authz → route match → redirect/direct response →
+//! fault → rate limit → destination (weights, subset) → endpoint (LB, outlier detection) →
+//! upstream with retries and timeouts; mirrors are fire-and-forget. Telemetry is recorded when
+//! the response body has been fully sent (or dropped).
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
+use zmesh_proto::l7;
+
+use crate::matcher::{self, AuthzDecision, RequestView};
+use crate::sniff::Detected;
+use crate::stats::RequestLabels;
+use crate::upstream::{Endpoint, Lease, Policy, UpstreamError};
+use crate::{ConnCtx, Inner, UndefinedSubset, pick_weighted};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type RespBody = BoxBody<Bytes, BoxError>;
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+/// Token bucket for a route's local rate limit.
+pub(crate) struct Bucket {
+    tokens: f64,
+    last: Instant,
+    spec: (u32, u32, Duration),
+}
+
+/// Serve HTTP on one tunnel until the client closes it. Malformed requests, oversized heads
+/// and protocol errors end this connection only.
+pub async fn serve_connection<S>(inner: Arc<Inner>, ctx: Arc<ConnCtx>, io: S, detected: Detected)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(inner.cfg.header_read_timeout)
+        .max_buf_size(inner.cfg.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(inner.cfg.max_header_bytes as u32)
+        .max_concurrent_streams(1024);
+    let builder = match detected {
+        Detected::Http2 => builder.http2_only(),
+        _ => builder.http1_only(),
+    };
+    let svc = hyper::service::service_fn(move |req| {
+        let inner = inner.clone();
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(inner, ctx, req).await) }
+    });
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+        debug!("downstream HTTP connection ended with an error: {e}");
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> RespBody {
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+/// Request facts kept for telemetry.
+struct Info {
+    started: Instant,
+    method: String,
+    path: String,
+    authority: String,
+    protocol: &'static str,
+    request_id: String,
+    req_bytes: u64,
+    service: String,
+    dest: Option<Endpoint>,
+    route: String,
+}
+
+fn local_reply(status: u16, body: &str, flags: &'static str) -> (Response<RespBody>, &'static str) {
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/plain"));
+    (r, flags)
+}
+
+fn random_hex(n: usize) -> String {
+    (0..n)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+fn uuid4() -> String {
+    let h = random_hex(16);
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+/// HBONE CONNECT headers for an upstream tunnel.
+pub fn tunnel_headers(ctx: &ConnCtx, service: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("for=\"{}\";host={service}", ctx.client_addr)) {
+        h.insert("forwarded", v);
+    }
+    h
+}
+
+async fn handle(
+    inner: Arc<Inner>,
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let protocol = if parts.version == Version::HTTP_2 {
+        "http2"
+    } else {
+        "http"
+    };
+    if parts.headers.get("x-request-id").is_none()
+        && let Ok(v) = HeaderValue::from_str(&uuid4())
+    {
+        parts.headers.insert("x-request-id", v);
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let mut info = Info {
+        started,
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        authority: authority.clone(),
+        protocol,
+        request_id: parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        req_bytes: 0,
+        service: ctx
+            .service
+            .as_ref()
+            .map(|s| s.hostname.clone())
+            .unwrap_or_default(),
+        dest: None,
+        route: String::new(),
+    };
+    // Bounded buffering: retries and mirrors replay the body.
+    let body = match tokio::time::timeout(
+        Duration::from_secs(30),
+        Limited::new(body, inner.cfg.max_request_body).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            let too_big = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let (r, f) = if too_big {
+                local_reply(413, "payload too large", "-")
+            } else {
+                local_reply(400, "bad request body", "DPE")
+            };
+            return finish(&inner, &ctx, info, r, f, None);
+        }
+        Err(_) => {
+            let (r, f) = local_reply(408, "request body timeout", "-");
+            return finish(&inner, &ctx, info, r, f, None);
+        }
+    };
+    info.req_bytes = body.len() as u64;
+    let (resp, flags, lease) = route_request(&inner, &ctx, &mut info, parts, body).await;
+    finish(&inner, &ctx, info, resp, flags, lease)
+}
+
+async fn route_request(
+    inner: &Arc<Inner>,
+    ctx: &Arc<ConnCtx>,
+    info: &mut Info,
+    mut parts: http::request::Parts,
+    body: Bytes,
+) -> (Response<RespBody>, &'static str, Option<Lease>) {
+    let l7cfg = inner.l7.load();
+    let svc_cfg = ctx.service.as_ref().and_then(|s| inner.service_config(s));
+    let path_q = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or("/".into());
+    let (path, query) = match path_q.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (path_q.clone(), None),
+    };
+    let view = RequestView {
+        method: parts.method.as_str(),
+        path: &path,
+        query: query.as_deref(),
+        authority: &info.authority,
+        scheme: "http",
+        headers: &parts.headers,
+        port: ctx.port,
+        source_principal: ctx.peer_identity.as_ref().map(|i| i.principal()),
+        source_namespace: ctx
+            .peer_identity
+            .as_ref()
+            .map(|i| i.namespace().to_string()),
+        source_ip: Some(ctx.client_addr.ip()),
+        destination_ip: match &ctx.target {
+            zmesh_core::hbone::server::Target::Addr(a) => Some(a.ip()),
+            _ => None,
+        },
+    };
+    // 1. L7 authorization.
+    let host = ctx
+        .service
+        .as_ref()
+        .map(|s| s.hostname.as_str())
+        .unwrap_or("");
+    let applicable = l7cfg.authorizations.values().filter(|p| {
+        matcher::policy_applies(
+            p,
+            host,
+            &inner.cfg.gateway_namespace,
+            &inner.cfg.gateway_name,
+        )
+    });
+    if let AuthzDecision::Deny { policy } =
+        matcher::authorize(applicable.map(|p| p.as_ref()), &view)
+    {
+        debug!(%policy, path = %path, "request denied by L7 authorization");
+        let (r, f) = local_reply(403, "RBAC: access denied", "-");
+        return (r, f, None);
+    }
+    // 2. Route.
+    let default_route;
+    let route: &l7::HttpRoute = match &svc_cfg {
+        Some(c) if !c.http_routes.is_empty() => {
+            match matcher::select_route(&c.http_routes, &view) {
+                Some(r) => r,
+                None => {
+                    let (r, f) = local_reply(404, "", "NR");
+                    return (r, f, None);
+                }
+            }
+        }
+        _ => {
+            let dest_host = match (&ctx.service, &ctx.workload) {
+                (Some(s), _) => s.hostname.clone(),
+                _ => String::new(),
+            };
+            default_route = l7::HttpRoute {
+                name: "default".into(),
+                action: Some(l7::http_route::Action::Forward(l7::Forward {
+                    destinations: vec![l7::RouteDestination {
+                        host: dest_host,
+                        weight: 100,
+                        ..Default::default()
+                    }],
+                })),
+                ..Default::default()
+            };
+            &default_route
+        }
+    };
+    info.route = route.name.clone();
+    drop(view);
+    // 3. Redirect / direct response.
+    let fwd = match &route.action {
+        Some(l7::http_route::Action::Redirect(rd)) => {
+            let (r, f) = redirect(rd, &parts, &info.authority, &path, query.as_deref());
+            return (r, f, None);
+        }
+        Some(l7::http_route::Action::DirectResponse(d)) => {
+            let mut r = Response::new(full(d.body.clone()));
+            *r.status_mut() = StatusCode::from_u16(d.status as u16).unwrap_or(StatusCode::OK);
+            apply_header_ops(r.headers_mut(), route.response_headers.as_ref());
+            return (r, "-", None);
+        }
+        Some(l7::http_route::Action::Forward(f)) => f,
+        None => {
+            let (r, f) = local_reply(500, "route has no action", "NR");
+            return (r, f, None);
+        }
+    };
+    // 4. Fault injection.
+    if let Some(fault) = &route.fault {
+        if let Some(d) = &fault.delay
+            && roll(d.percentage)
+            && let Some(dur) = d.fixed_delay.and_then(|d| Duration::try_from(d).ok())
+        {
+            tokio::time::sleep(dur).await;
+        }
+        if let Some(a) = &fault.abort
+            && roll(a.percentage)
+        {
+            let (mut r, f) = local_reply(a.http_status as u16, "fault filter abort", "FI");
+            apply_header_ops(r.headers_mut(), route.response_headers.as_ref());
+            return (r, f, None);
+        }
+    }
+    // 5. Local rate limit.
+    if let Some(rl) = &route.rate_limit
+        && !take_token(inner, &route.name, rl)
+    {
+        let status = if rl.status == 0 {
+            429
+        } else {
+            rl.status as u16
+        };
+        let (r, f) = local_reply(status, "local_rate_limited", "RL");
+        return (r, f, None);
+    }
+    // 6. Rewrite, header ops, destination.
+    let Some(dest) = pick_weighted(&fwd.destinations).cloned() else {
+        let (r, f) = local_reply(503, "no destination", "NR");
+        return (r, f, None);
+    };
+    apply_rewrite(
+        &mut parts,
+        route,
+        &path,
+        query.as_deref(),
+        &mut info.authority,
+    );
+    apply_header_ops(&mut parts.headers, route.request_headers.as_ref());
+    apply_header_ops(&mut parts.headers, dest.request_headers.as_ref());
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    // 7. Mirrors: detached; never delay or affect the main request.
+    for m in &route.mirrors {
+        let pct = if m.percentage == 0.0 {
+            100.0
+        } else {
+            m.percentage
+        };
+        if let Some(md) = &m.destination
+            && roll(pct)
+        {
+            let (inner, ctx, md) = (inner.clone(), ctx.clone(), md.clone());
+            let mut mparts = clone_parts(&parts);
+            let host = info.authority.clone();
+            let shadow = match host.rsplit_once(':') {
+                Some((h, p)) if p.parse::<u16>().is_ok() => format!("{h}-shadow:{p}"),
+                _ => format!("{host}-shadow"),
+            };
+            if let Ok(v) = HeaderValue::from_str(&shadow) {
+                mparts.headers.insert(HOST, v);
+            }
+            let body = body.clone();
+            tokio::spawn(async move {
+                let f = forward_once(&inner, &ctx, &md, mparts, body, None, &shadow);
+                match tokio::time::timeout(Duration::from_secs(30), f).await {
+                    Ok(Ok((_resp, _lease))) => {}
+                    Ok(Err(e)) => debug!("mirror request failed: {e}"),
+                    Err(_) => debug!("mirror request timed out"),
+                }
+            });
+        }
+    }
+    // 8. Forward with retries and timeouts.
+    let route_timeout = route
+        .timeout
+        .and_then(|d| Duration::try_from(d).ok())
+        .filter(|d| !d.is_zero());
+    let fut = forward_with_retries(inner, ctx, &dest, route.retries.as_ref(), parts, body, info);
+    let res = match route_timeout {
+        Some(t) => tokio::time::timeout(t, fut)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout)),
+        None => fut.await,
+    };
+    match res {
+        Ok((resp, lease)) => {
+            let (mut rp, rb) = resp.into_parts();
+            for h in HOP_BY_HOP {
+                rp.headers.remove(*h);
+            }
+            apply_header_ops(&mut rp.headers, dest.response_headers.as_ref());
+            apply_header_ops(&mut rp.headers, route.response_headers.as_ref());
+            let body = rb.map_err(|e| Box::new(e) as BoxError).boxed();
+            (Response::from_parts(rp, body), "-", Some(lease))
+        }
+        Err(e) => {
+            let (r, f) = local_reply(e.status(), &e.to_string(), e.flag());
+            (r, f, None)
+        }
+    }
+}
+
+fn roll(pct: f64) -> bool {
+    pct >= 100.0 || (pct > 0.0 && rand::random::<f64>() * 100.0 < pct)
+}
+
+fn take_token(inner: &Inner, route: &str, rl: &l7::RateLimit) -> bool {
+    let fill = rl
+        .fill_interval
+        .and_then(|d| Duration::try_from(d).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(1));
+    let spec = (rl.max_tokens.max(1), rl.tokens_per_fill, fill);
+    let mut b = inner.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = Instant::now();
+    let e = b.entry(route.to_string()).or_insert(Bucket {
+        tokens: f64::from(spec.0),
+        last: now,
+        spec,
+    });
+    if e.spec != spec {
+        *e = Bucket {
+            tokens: f64::from(spec.0),
+            last: now,
+            spec,
+        };
+    }
+    // Whole fills only, as Envoy's token bucket.
+    let fills = (now.duration_since(e.last).as_nanos() / fill.as_nanos().max(1)) as u32;
+    if fills > 0 {
+        e.tokens = (e.tokens + f64::from(fills) * f64::from(spec.1)).min(f64::from(spec.0));
+        e.last += fill * fills;
+    }
+    if e.tokens >= 1.0 {
+        e.tokens -= 1.0;
+        true
+    } else {
+        false
+    }
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut b = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
+    }
+    b.body(())
+        .map(|r| r.into_parts().0)
+        .unwrap_or_else(|_| Request::new(()).into_parts().0)
+}
+
+fn apply_header_ops(h: &mut HeaderMap, ops: Option<&l7::HeaderOps>) {
+    let Some(ops) = ops else { return };
+    for n in &ops.remove {
+        h.remove(n.as_str());
+    }
+    for kv in &ops.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(kv.name.as_str()),
+            HeaderValue::from_str(&kv.value),
+        ) {
+            h.insert(n, v);
+        }
+    }
+    for kv in &ops.add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(kv.name.as_str()),
+            HeaderValue::from_str(&kv.value),
+        ) {
+            h.append(n, v);
+        }
+    }
+}
+
+fn matched_prefix<'a>(route: &'a l7::HttpRoute, path: &str) -> Option<&'a str> {
+    use l7::string_match::MatchType;
+    route
+        .matches
+        .iter()
+        .find_map(|m| match m.path.as_ref()?.match_type.as_ref()? {
+            MatchType::Prefix(p) | MatchType::PathPrefix(p) if path.starts_with(p.as_str()) => {
+                Some(p.as_str())
+            }
+            _ => None,
+        })
+}
+
+fn apply_rewrite(
+    parts: &mut http::request::Parts,
+    route: &l7::HttpRoute,
+    path: &str,
+    query: Option<&str>,
+    authority: &mut String,
+) {
+    let Some(rw) = &route.rewrite else { return };
+    use l7::rewrite::PathRewrite;
+    let new_path = match &rw.path_rewrite {
+        Some(PathRewrite::Prefix(p)) => match matched_prefix(route, path) {
+            Some(m) => Some(format!("{p}{}", &path[m.len()..])),
+            None => Some(p.clone()),
+        },
+        Some(PathRewrite::FullPath(p)) => Some(p.clone()),
+        Some(PathRewrite::Regex(r)) => regex::Regex::new(&r.pattern).ok().map(|re| {
+            re.replace_all(path, r.substitution.replace("\\", "$").as_str())
+                .into_owned()
+        }),
+        None => None,
+    };
+    if let Some(np) = new_path {
+        let pq = match query {
+            Some(q) => format!("{np}?{q}"),
+            None => np,
+        };
+        let mut up = parts.uri.clone().into_parts();
+        if let Ok(p) = pq.parse() {
+            up.path_and_query = Some(p);
+            if let Ok(u) = Uri::from_parts(up) {
+                parts.uri = u;
+            }
+        }
+    }
+    if !rw.authority.is_empty() {
+        *authority = rw.authority.clone();
+    }
+}
+
+fn redirect(
+    rd: &l7::Redirect,
+    parts: &http::request::Parts,
+    authority: &str,
+    path: &str,
+    query: Option<&str>,
+) -> (Response<RespBody>, &'static str) {
+    let scheme = if rd.scheme.is_empty() {
+        "http"
+    } else {
+        rd.scheme.as_str()
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), Some(p.to_string())),
+        _ => (authority.to_string(), None),
+    };
+    let host = if rd.authority.is_empty() {
+        host
+    } else {
+        rd.authority.clone()
+    };
+    let port = if rd.port != 0 {
+        Some(rd.port.to_string())
+    } else {
+        port
+    };
+    let new_path = match &rd.path_rewrite {
+        Some(l7::redirect::PathRewrite::FullPath(p)) => p.clone(),
+        Some(l7::redirect::PathRewrite::Prefix(p)) => p.clone(),
+        None => path.to_string(),
+    };
+    let mut loc = format!("{scheme}://{host}");
+    if let Some(p) = port {
+        loc.push_str(&format!(":{p}"));
+    }
+    loc.push_str(&new_path);
+    if let Some(q) = query {
+        loc.push('?');
+        loc.push_str(q);
+    }
+    let _ = parts;
+    let status = if rd.status_code == 0 {
+        301
+    } else {
+        rd.status_code as u16
+    };
+    let mut r = Response::new(full(""));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&loc) {
+        r.headers_mut().insert("location", v);
+    }
+    (r, "-")
+}
+
+fn retriable_status(p: &l7::RetryPolicy, s: u16) -> bool {
+    p.retriable_status_codes.contains(&u32::from(s))
+        || p.retry_on.iter().any(|c| match c.as_str() {
+            "5xx" => s >= 500,
+            "gateway-error" => matches!(s, 502..=504),
+            "retriable-4xx" => s == 409,
+            _ => false,
+        })
+}
+
+fn retriable_error(p: &l7::RetryPolicy, e: &UpstreamError) -> bool {
+    use UpstreamError::{Connect, Reset, Timeout};
+    p.retry_on.iter().any(|c| {
+        matches!(
+            (c.as_str(), e),
+            ("5xx" | "gateway-error", Connect(_) | Reset(_) | Timeout)
+                | ("connect-failure", Connect(_))
+                | ("reset" | "refused-stream", Reset(_))
+        )
+    })
+}
+
+type Upstream = (Response<Incoming>, Lease);
+
+async fn forward_with_retries(
+    inner: &Arc<Inner>,
+    ctx: &Arc<ConnCtx>,
+    dest: &l7::RouteDestination,
+    retries: Option<&l7::RetryPolicy>,
+    parts: http::request::Parts,
+    body: Bytes,
+    info: &mut Info,
+) -> Result<Upstream, UpstreamError> {
+    let attempts = retries.map(|r| r.attempts).unwrap_or(0);
+    let per_try = retries
+        .and_then(|r| r.per_try_timeout)
+        .and_then(|d| Duration::try_from(d).ok())
+        .filter(|d| !d.is_zero());
+    let backoff = retries
+        .and_then(|r| r.backoff)
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(Duration::from_millis(25));
+    let authority = info.authority.clone();
+    let mut n = 0;
+    loop {
+        let f = forward_once(
+            inner,
+            ctx,
+            dest,
+            clone_parts(&parts),
+            body.clone(),
+            Some(info),
+            &authority,
+        );
+        let r = match per_try {
+            Some(t) => tokio::time::timeout(t, f)
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout)),
+            None => f.await,
+        };
+        let retry = match (&r, retries) {
+            (_, None) => false,
+            (Ok((resp, _)), Some(p)) => retriable_status(p, resp.status().as_u16()),
+            (Err(e), Some(p)) => retriable_error(p, e),
+        };
+        if !retry || n >= attempts {
+            return r;
+        }
+        n += 1;
+        drop(r);
+        // Jittered exponential backoff (Envoy: base × 2^n, random in [0, that]).
+        let max = backoff.saturating_mul(1 << n.min(6));
+        tokio::time::sleep(max.mul_f64(rand::random::<f64>().max(0.1))).await;
+    }
+}
+
+/// One try: endpoints → cluster admission → endpoint → upstream request.
+async fn forward_once(
+    inner: &Arc<Inner>,
+    ctx: &Arc<ConnCtx>,
+    dest: &l7::RouteDestination,
+    mut parts: http::request::Parts,
+    body: Bytes,
+    info: Option<&mut Info>,
+    authority: &str,
+) -> Result<Upstream, UpstreamError> {
+    let port = if dest.port == 0 {
+        ctx.port
+    } else {
+        dest.port as u16
+    };
+    let (cfg, eps) = if dest.host.is_empty() {
+        // Workload-addressed traffic: the workload itself.
+        let Some(w) = &ctx.workload else {
+            return Err(UpstreamError::NoHealthy);
+        };
+        let zmesh_core::hbone::server::Target::Addr(a) = ctx.target else {
+            return Err(UpstreamError::NoHealthy);
+        };
+        (
+            None,
+            vec![Endpoint {
+                workload: w.clone(),
+                addr: a,
+            }],
+        )
+    } else {
+        let cfg = inner.l7.load().service(&dest.host).or_else(|| {
+            let svc = inner.state.read().service_by_host(&dest.host)?;
+            inner.service_config(&svc)
+        });
+        match inner.endpoints(&dest.host, &dest.subset, port, cfg.as_deref()) {
+            Ok((_, eps)) => (cfg, eps),
+            // Undefined subset: Istio answers 503 (no cluster).
+            Err(UndefinedSubset) => return Err(UpstreamError::NoHealthy),
+        }
+    };
+    let policy = Policy::resolve(cfg.as_deref(), &dest.subset, port);
+    let h2 = parts.version == Version::HTTP_2
+        || matches!(
+            ctx.app_protocol,
+            zmesh_core::state::AppProtocol::Http2 | zmesh_core::state::AppProtocol::Grpc
+        );
+    let hash_key = match policy.lb.as_ref().and_then(|l| l.policy.as_ref()) {
+        Some(l7::load_balancer::Policy::ConsistentHash(ch)) => match &ch.hash_key {
+            Some(l7::consistent_hash::HashKey::HttpHeaderName(h)) => parts
+                .headers
+                .get(h.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            Some(l7::consistent_hash::HashKey::UseSourceIp(true)) => {
+                Some(ctx.client_addr.ip().to_string())
+            }
+            Some(l7::consistent_hash::HashKey::HttpQueryParameterName(q)) => {
+                parts.uri.query().and_then(|qs| {
+                    qs.split('&')
+                        .find_map(|kv| kv.strip_prefix(&format!("{q}=")).map(str::to_string))
+                })
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let cluster = inner.upstreams.cluster(
+        &format!(
+            "outbound|{port}|{}|{}|{}",
+            dest.subset,
+            dest.host,
+            if h2 { "h2" } else { "h1" }
+        ),
+        policy,
+    );
+    let Some(ep) = cluster.pick(&eps, hash_key.as_deref()) else {
+        return Err(UpstreamError::NoHealthy);
+    };
+    let admitted = inner.upstreams.admit(&cluster).await?;
+    if let Some(i) = info {
+        i.dest = Some(ep.clone());
+        i.service = dest.host.clone();
+    }
+    // Upstream request form: origin-form + Host for HTTP/1, absolute for HTTP/2.
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or("/".into());
+    if h2 {
+        parts.version = Version::HTTP_2;
+        parts.uri = format!("http://{authority}{pq}")
+            .parse()
+            .unwrap_or(parts.uri);
+        parts.headers.remove(HOST);
+    } else {
+        parts.version = Version::HTTP_11;
+        parts.uri = pq.parse().unwrap_or(parts.uri);
+        if !parts.headers.contains_key(HOST)
+            && let Ok(v) = HeaderValue::from_str(authority)
+        {
+            parts.headers.insert(HOST, v);
+        }
+    }
+    let req = Request::from_parts(parts, Full::new(body));
+    let th = tunnel_headers(ctx, &dest.host);
+    let r = inner
+        .upstreams
+        .send(&cluster, &ep, req, h2, admitted, th)
+        .await;
+    cluster.record_outcome(
+        &ep.workload.uid,
+        r.as_ref().ok().map(|(resp, _)| resp.status().as_u16()),
+        eps.len(),
+    );
+    r
+}
+
+/// Attach telemetry (metrics + access log, on body completion) to a response.
+fn finish(
+    inner: &Arc<Inner>,
+    ctx: &Arc<ConnCtx>,
+    info: Info,
+    resp: Response<RespBody>,
+    flags: &'static str,
+    lease: Option<Lease>,
+) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    if let Ok(v) = HeaderValue::from_str(&info.request_id) {
+        parts.headers.entry("x-request-id").or_insert(v);
+    }
+    let code = parts.status.as_u16();
+    let tracked = Tracked {
+        inner: body,
+        bytes: AtomicU64::new(0),
+        done: Some(Done {
+            waypoint: inner.clone(),
+            ctx: ctx.clone(),
+            info,
+            code,
+            flags,
+            _lease: lease,
+        }),
+    };
+    Response::from_parts(parts, tracked.boxed())
+}
+
+struct Done {
+    waypoint: Arc<Inner>,
+    ctx: Arc<ConnCtx>,
+    info: Info,
+    code: u16,
+    flags: &'static str,
+    _lease: Option<Lease>,
+}
+
+impl Done {
+    fn report(self, resp_bytes: u64) {
+        let Done {
+            waypoint,
+            ctx,
+            info,
+            code,
+            flags,
+            ..
+        } = self;
+        let dst = info.dest.as_ref().map(|e| e.workload.clone());
+        let src = ctx.src_workload.as_ref();
+        let (svc_name, svc_ns) = match info.service.split_once('.') {
+            Some((n, rest)) => (
+                n.to_string(),
+                rest.split('.').next().unwrap_or("").to_string(),
+            ),
+            None => (info.service.clone(), String::new()),
+        };
+        let unknown = || "unknown".to_string();
+        let labels = RequestLabels {
+            reporter: "waypoint".into(),
+            source_workload: src.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
+            source_workload_namespace: ctx
+                .peer_identity
+                .as_ref()
+                .map(|i| i.namespace().to_string())
+                .unwrap_or_else(unknown),
+            source_principal: ctx
+                .peer_identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_else(unknown),
+            source_app: src
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(unknown),
+            source_version: src
+                .map(|w| w.canonical_revision.clone())
+                .unwrap_or_else(unknown),
+            source_cluster: src.map(|w| w.cluster_id.clone()).unwrap_or_else(unknown),
+            destination_workload: dst
+                .as_ref()
+                .map(|w| w.workload_name.clone())
+                .unwrap_or_else(unknown),
+            destination_workload_namespace: dst
+                .as_ref()
+                .map(|w| w.namespace.clone())
+                .unwrap_or_else(unknown),
+            destination_principal: dst
+                .as_ref()
+                .map(|w| w.identity().to_string())
+                .unwrap_or_else(unknown),
+            destination_app: dst
+                .as_ref()
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(unknown),
+            destination_version: dst
+                .as_ref()
+                .map(|w| w.canonical_revision.clone())
+                .unwrap_or_else(unknown),
+            destination_service: if info.service.is_empty() {
+                unknown()
+            } else {
+                info.service.clone()
+            },
+            destination_service_name: if svc_name.is_empty() {
+                unknown()
+            } else {
+                svc_name
+            },
+            destination_service_namespace: if svc_ns.is_empty() { unknown() } else { svc_ns },
+            destination_cluster: dst
+                .as_ref()
+                .map(|w| w.cluster_id.clone())
+                .unwrap_or_else(unknown),
+            request_protocol: info.protocol.into(),
+            response_code: code.to_string(),
+            grpc_response_status: String::new(),
+            response_flags: flags.into(),
+            connection_security_policy: "mutual_tls".into(),
+        };
+        let ms = info.started.elapsed().as_secs_f64() * 1000.0;
+        waypoint
+            .l7_metrics
+            .record(&labels, ms, info.req_bytes, resp_bytes);
+        tracing::info!(
+            target: "access",
+            direction = "waypoint",
+            method = %info.method,
+            path = %info.path,
+            authority = %info.authority,
+            protocol = info.protocol,
+            response_code = code,
+            response_flags = flags,
+            route = %info.route,
+            request_id = %info.request_id,
+            src_addr = %ctx.client_addr,
+            src_identity = %labels.source_principal,
+            dst_service = %labels.destination_service,
+            dst_workload = %labels.destination_workload,
+            upstream = info.dest.as_ref().map(|e| e.addr.to_string()).unwrap_or_default(),
+            bytes_sent = info.req_bytes,
+            bytes_recv = resp_bytes,
+            duration_ms = ms as u64,
+            "request complete"
+        );
+    }
+}
+
+/// A response body that reports telemetry and releases the upstream lease when finished.
+struct Tracked {
+    inner: RespBody,
+    bytes: AtomicU64,
+    done: Option<Done>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            d.report(self.bytes.load(Ordering::Relaxed));
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                if let Some(d) = this.done.take() {
+                    d.report(this.bytes.load(Ordering::Relaxed));
+                }
+            }
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,330 @@
+//! Request matching: `StringMatch`, `HttpMatch`, `TcpMatch` and L7 authorization evaluation
+//! (Istio semantics: DENY before ALLOW; no applicable ALLOW ⇒ allow).
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use zmesh_proto::l7::{self, string_match::MatchType};
+
+/// What a matcher can see about one request.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub authority: &'a str,
+    pub scheme: &'a str,
+    pub headers: &'a HeaderMap,
+    /// Service port the request arrived on.
+    pub port: u16,
+    pub source_principal: Option<String>,
+    pub source_namespace: Option<String>,
+    pub source_ip: Option<IpAddr>,
+    pub destination_ip: Option<IpAddr>,
+}
+
+/// Does `v` match `m`? A matcher without a type matches any present value.
+pub fn string_matches(m: &l7::StringMatch, v: &str) -> bool {
+    let ic = m.ignore_case;
+    let eq = |a: &str, b: &str| {
+        if ic {
+            a.eq_ignore_ascii_case(b)
+        } else {
+            a == b
+        }
+    };
+    match &m.match_type {
+        None => true,
+        Some(MatchType::Exact(e)) => eq(e, v),
+        Some(MatchType::Prefix(p)) => {
+            v.len() >= p.len() && v.is_char_boundary(p.len()) && eq(&v[..p.len()], p)
+        }
+        Some(MatchType::Suffix(s)) => {
+            v.len() >= s.len()
+                && v.is_char_boundary(v.len() - s.len())
+                && eq(&v[v.len() - s.len()..], s)
+        }
+        Some(MatchType::Regex(r)) => regex_full_match(r, v),
+        Some(MatchType::Present(p)) => *p,
+        Some(MatchType::PathPrefix(p)) => {
+            if p == "/" || p.is_empty() {
+                return true;
+            }
+            let ok = v.len() >= p.len() && v.is_char_boundary(p.len()) && eq(&v[..p.len()], p);
+            ok && (v.len() == p.len() || v.as_bytes()[p.len()] == b'/')
+        }
+    }
+}
+
+fn regex_full_match(pattern: &str, v: &str) -> bool {
+    // Anchored as in Istio. An invalid pattern (the controller validates them) matches nothing.
+    match regex::Regex::new(&format!("^(?:{pattern})$")) {
+        Ok(re) => re.is_match(v),
+        Err(_) => false,
+    }
+}
+
+fn header_value<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn query_param<'a>(q: Option<&'a str>, name: &str) -> Option<&'a str> {
+    q?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+pub fn http_match(m: &l7::HttpMatch, r: &RequestView<'_>) -> bool {
+    if let Some(p) = &m.path
+        && !string_matches(p, r.path)
+    {
+        return false;
+    }
+    if let Some(meth) = &m.method
+        && !string_matches(meth, r.method)
+    {
+        return false;
+    }
+    if let Some(a) = &m.authority
+        && !string_matches(a, r.authority)
+    {
+        return false;
+    }
+    if let Some(s) = &m.scheme
+        && !string_matches(s, r.scheme)
+    {
+        return false;
+    }
+    if m.port != 0 && m.port != u32::from(r.port) {
+        return false;
+    }
+    if !m.source_namespace.is_empty()
+        && r.source_namespace.as_deref() != Some(m.source_namespace.as_str())
+    {
+        return false;
+    }
+    for h in &m.headers {
+        let v = header_value(r.headers, &h.name);
+        let matched = match (&h.value, v) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(sm), Some(v)) => string_matches(sm, v),
+        };
+        if matched == h.invert {
+            return false;
+        }
+    }
+    for q in &m.query_params {
+        let Some(v) = query_param(r.query, &q.name) else {
+            return false;
+        };
+        if let Some(sm) = &q.value
+            && !string_matches(sm, v)
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// The first route whose matches select the request (no matches = match all).
+pub fn select_route<'a>(
+    routes: &'a [l7::HttpRoute],
+    r: &RequestView<'_>,
+) -> Option<&'a l7::HttpRoute> {
+    routes
+        .iter()
+        .find(|rt| rt.matches.is_empty() || rt.matches.iter().any(|m| http_match(m, r)))
+}
+
+pub fn tcp_match(m: &l7::TcpMatch, port: u16, dst: Option<IpAddr>, src_ns: Option<&str>) -> bool {
+    if m.port != 0 && m.port != u32::from(port) {
+        return false;
+    }
+    if !m.source_namespace.is_empty() && src_ns != Some(m.source_namespace.as_str()) {
+        return false;
+    }
+    if !m.destination_subnets.is_empty() {
+        let Some(ip) = dst else { return false };
+        if !m
+            .destination_subnets
+            .iter()
+            .filter_map(|s| s.parse::<ipnet::IpNet>().ok())
+            .any(|n| n.contains(&ip))
+        {
+            return false;
+        }
+    }
+    true
+}
+
+fn any_match(ms: &[l7::StringMatch], v: Option<&str>) -> bool {
+    v.is_some_and(|v| ms.iter().any(|m| string_matches(m, v)))
+}
+
+fn in_cidrs(cidrs: &[String], ip: Option<IpAddr>) -> bool {
+    ip.is_some_and(|ip| {
+        cidrs
+            .iter()
+            .filter_map(|c| c.parse::<ipnet::IpNet>().ok())
+            .any(|n| n.contains(&ip))
+    })
+}
+
+fn source_matches(s: &l7::Source, r: &RequestView<'_>) -> bool {
+    let p = r.source_principal.as_deref();
+    let ns = r.source_namespace.as_deref();
+    (s.principals.is_empty() || any_match(&s.principals, p))
+        && (s.not_principals.is_empty() || !any_match(&s.not_principals, p))
+        && (s.namespaces.is_empty() || any_match(&s.namespaces, ns))
+        && (s.not_namespaces.is_empty() || !any_match(&s.not_namespaces, ns))
+        && (s.ip_blocks.is_empty() || in_cidrs(&s.ip_blocks, r.source_ip))
+        && (s.not_ip_blocks.is_empty() || !in_cidrs(&s.not_ip_blocks, r.source_ip))
+        // remoteIpBlocks: X-Forwarded-For's first entry, else the peer.
+        && (s.remote_ip_blocks.is_empty() || in_cidrs(&s.remote_ip_blocks, remote_ip(r)))
+        && (s.not_remote_ip_blocks.is_empty() || !in_cidrs(&s.not_remote_ip_blocks, remote_ip(r)))
+        // No JWT support: a request principal never matches (fail closed for ALLOW).
+        && s.request_principals.is_empty()
+}
+
+fn remote_ip(r: &RequestView<'_>) -> Option<IpAddr> {
+    header_value(r.headers, "x-forwarded-for")
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .or(r.source_ip)
+}
+
+fn operation_matches(o: &l7::Operation, r: &RequestView<'_>) -> bool {
+    let port = u32::from(r.port);
+    (o.hosts.is_empty() || any_match(&o.hosts, Some(r.authority)))
+        && (o.not_hosts.is_empty() || !any_match(&o.not_hosts, Some(r.authority)))
+        && (o.ports.is_empty() || o.ports.contains(&port))
+        && (o.not_ports.is_empty() || !o.not_ports.contains(&port))
+        && (o.methods.is_empty() || any_match(&o.methods, Some(r.method)))
+        && (o.not_methods.is_empty() || !any_match(&o.not_methods, Some(r.method)))
+        && (o.paths.is_empty() || any_match(&o.paths, Some(r.path)))
+        && (o.not_paths.is_empty() || !any_match(&o.not_paths, Some(r.path)))
+}
+
+fn condition_matches(c: &l7::Condition, r: &RequestView<'_>) -> bool {
+    use l7::condition::Key;
+    let ip_str = |ip: Option<IpAddr>| ip.map(|i| i.to_string());
+    let cidr_match = |ms: &[l7::StringMatch], ip: Option<IpAddr>| {
+        ms.iter().any(|m| match &m.match_type {
+            Some(MatchType::Exact(c)) => in_cidrs(std::slice::from_ref(c), ip),
+            _ => false,
+        })
+    };
+    let key = Key::try_from(c.key).unwrap_or(Key::Unspecified);
+    let value: Option<String> = match key {
+        Key::RequestHeader => header_value(r.headers, &c.header).map(str::to_string),
+        Key::SourceNamespace => r.source_namespace.clone(),
+        Key::SourcePrincipal => r.source_principal.clone(),
+        Key::DestinationPort => Some(r.port.to_string()),
+        Key::SourceIp | Key::RemoteIp | Key::DestinationIp => {
+            let ip = match key {
+                Key::SourceIp => r.source_ip,
+                Key::RemoteIp => remote_ip(r),
+                _ => r.destination_ip,
+            };
+            let yes = c.values.is_empty() || cidr_match(&c.values, ip);
+            let no = !c.not_values.is_empty() && cidr_match(&c.not_values, ip);
+            return ip_str(ip).is_some() && yes && !no;
+        }
+        // Not available at this waypoint: the condition cannot hold.
+        Key::ConnectionSni | Key::RequestAuthPrincipal | Key::Unspecified => None,
+    };
+    let yes = c.values.is_empty() || any_match(&c.values, value.as_deref());
+    let no = !c.not_values.is_empty() && any_match(&c.not_values, value.as_deref());
+    value.is_some() && yes && !no
+}
+
+fn rule_matches(rule: &l7::AuthzRule, r: &RequestView<'_>) -> bool {
+    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, r)))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, r)))
+        && rule.when.iter().all(|c| condition_matches(c, r))
+}
+
+/// Does policy `p` apply to traffic for `service_host` through waypoint `(wp_ns, wp_name)`?
+pub fn policy_applies(
+    p: &l7::Authorization,
+    service_host: &str,
+    wp_ns: &str,
+    wp_name: &str,
+) -> bool {
+    use l7::policy_target::Kind;
+    p.targets.iter().any(|t| match Kind::try_from(t.kind) {
+        Ok(Kind::Gateway) => t.name == wp_name && t.namespace == wp_ns,
+        Ok(Kind::Service) => t.hostname == service_host,
+        _ => false,
+    })
+}
+
+/// Outcome of L7 authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthzDecision {
+    Allow,
+    Deny { policy: String },
+}
+
+/// Evaluate `policies` (already filtered to those that apply) for one request.
+pub fn authorize<'a>(
+    policies: impl Iterator<Item = &'a l7::Authorization> + Clone,
+    r: &RequestView<'_>,
+) -> AuthzDecision {
+    let matches = |p: &l7::Authorization| p.rules.iter().any(|rule| rule_matches(rule, r));
+    let name = |p: &l7::Authorization| format!("{}/{}", p.namespace, p.name);
+    for p in policies.clone() {
+        if p.action == l7::Action::Deny as i32 && matches(p) {
+            if p.dry_run {
+                tracing::info!(policy = %name(p), "dry-run DENY policy would deny this request");
+                continue;
+            }
+            return AuthzDecision::Deny { policy: name(p) };
+        }
+    }
+    let allows: Vec<&l7::Authorization> = policies
+        .filter(|p| p.action == l7::Action::Allow as i32 && !p.dry_run)
+        .collect();
+    if allows.is_empty() || allows.iter().any(|p| matches(p)) {
+        AuthzDecision::Allow
+    } else {
+        AuthzDecision::Deny {
+            policy: "no ALLOW policy matched".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sm(t: MatchType) -> l7::StringMatch {
+        l7::StringMatch {
+            match_type: Some(t),
+            ignore_case: false,
+        }
+    }
+
+    #[test]
+    fn string_matchers() {
+        assert!(string_matches(&sm(MatchType::Exact("a".into())), "a"));
+        assert!(!string_matches(&sm(MatchType::Exact("a".into())), "ab"));
+        assert!(string_matches(&sm(MatchType::Prefix("/a".into())), "/ab"));
+        assert!(string_matches(&sm(MatchType::Suffix("b".into())), "/ab"));
+        assert!(string_matches(&sm(MatchType::Regex("/a.*".into())), "/abc"));
+        assert!(!string_matches(&sm(MatchType::Regex("a".into())), "ba"));
+        assert!(string_matches(
+            &sm(MatchType::PathPrefix("/foo".into())),
+            "/foo/bar"
+        ));
+        assert!(!string_matches(
+            &sm(MatchType::PathPrefix("/foo".into())),
+            "/foobar"
+        ));
+        // Multi-byte input never panics.
+        assert!(!string_matches(&sm(MatchType::Prefix("ab".into())), "é"));
+        assert!(!string_matches(&sm(MatchType::Suffix("ab".into())), "é"));
+    }
+}

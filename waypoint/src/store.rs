@@ -1,0 +1,160 @@
+//! `L7Store`: the waypoint's L7 configuration (decoded `ServiceConfig`s by service key and
+//! waypoint-bound `Authorization`s), swapped atomically so a request sees one consistent view.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+use prost::Message;
+use zmesh_proto::l7;
+
+/// Why a resource could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum L7StoreError {
+    #[error("L7 resource {name} of type {type_url} does not decode: {source}")]
+    Decode {
+        type_url: String,
+        name: String,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("resource type {0} is not an L7 type this waypoint understands")]
+    UnknownType(String),
+}
+
+/// One immutable view of the L7 configuration.
+#[derive(Debug, Default)]
+pub struct L7Config {
+    /// Keyed by "<namespace>/<hostname>" (the resource name).
+    pub services: HashMap<String, Arc<l7::ServiceConfig>>,
+    /// Keyed by "<namespace>/<name>".
+    pub authorizations: HashMap<String, Arc<l7::Authorization>>,
+}
+
+impl L7Config {
+    /// The config for a service key ("ns/hostname") or a bare hostname.
+    pub fn service(&self, key_or_host: &str) -> Option<Arc<l7::ServiceConfig>> {
+        if let Some(s) = self.services.get(key_or_host) {
+            return Some(s.clone());
+        }
+        self.services
+            .values()
+            .find(|s| s.hostname == key_or_host)
+            .cloned()
+    }
+}
+
+/// Holds the current [`L7Config`]; writers are serialised, readers never block.
+#[derive(Debug, Default)]
+pub struct L7Store {
+    current: ArcSwap<L7Config>,
+    write: Mutex<()>,
+}
+
+impl L7Store {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn load(&self) -> Arc<L7Config> {
+        self.current.load_full()
+    }
+
+    /// Apply a delta for one type URL: upserts and removals by resource name. With
+    /// `replace_all`, resources of that type not in `updated` are dropped (state-of-the-world).
+    /// Decoding errors skip that resource only (the old version stays) and are returned.
+    pub fn apply(
+        &self,
+        type_url: &str,
+        updated: &[(String, Vec<u8>)],
+        removed: &[String],
+        replace_all: bool,
+    ) -> Vec<L7StoreError> {
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.current.load_full();
+        let mut services = old.services.clone();
+        let mut authorizations = old.authorizations.clone();
+        let mut errors = Vec::new();
+        match type_url {
+            zmesh_proto::L7_SERVICE_TYPE_URL => {
+                if replace_all {
+                    services.retain(|k, _| updated.iter().any(|(n, _)| n == k));
+                }
+                for (name, bytes) in updated {
+                    match l7::ServiceConfig::decode(bytes.as_slice()) {
+                        Ok(m) => {
+                            services.insert(name.clone(), Arc::new(m));
+                        }
+                        Err(source) => errors.push(L7StoreError::Decode {
+                            type_url: type_url.into(),
+                            name: name.clone(),
+                            source,
+                        }),
+                    }
+                }
+                for n in removed {
+                    services.remove(n);
+                }
+            }
+            zmesh_proto::L7_AUTHZ_TYPE_URL => {
+                if replace_all {
+                    authorizations.retain(|k, _| updated.iter().any(|(n, _)| n == k));
+                }
+                for (name, bytes) in updated {
+                    match l7::Authorization::decode(bytes.as_slice()) {
+                        Ok(m) => {
+                            authorizations.insert(name.clone(), Arc::new(m));
+                        }
+                        Err(source) => errors.push(L7StoreError::Decode {
+                            type_url: type_url.into(),
+                            name: name.clone(),
+                            source,
+                        }),
+                    }
+                }
+                for n in removed {
+                    authorizations.remove(n);
+                }
+            }
+            other => {
+                errors.push(L7StoreError::UnknownType(other.to_string()));
+                return errors;
+            }
+        }
+        for e in &errors {
+            tracing::warn!("{e}");
+        }
+        self.current.store(Arc::new(L7Config {
+            services,
+            authorizations,
+        }));
+        errors
+    }
+
+    /// Replace everything of both types with `resources` (type URL → name → bytes).
+    pub fn replace(
+        &self,
+        resources: &HashMap<String, Vec<(String, Vec<u8>)>>,
+    ) -> Vec<L7StoreError> {
+        let mut errors = Vec::new();
+        for t in [
+            zmesh_proto::L7_SERVICE_TYPE_URL,
+            zmesh_proto::L7_AUTHZ_TYPE_URL,
+        ] {
+            let empty = Vec::new();
+            let r = resources.get(t).unwrap_or(&empty);
+            errors.extend(self.apply(t, r, &[], true));
+        }
+        errors
+    }
+
+    /// JSON for config_dump.
+    pub fn dump(&self) -> serde_json::Value {
+        let c = self.load();
+        let mut s: Vec<&String> = c.services.keys().collect();
+        s.sort();
+        let mut a: Vec<&String> = c.authorizations.keys().collect();
+        a.sort();
+        serde_json::json!({ "services": s, "authorizations": a })
+    }
+}

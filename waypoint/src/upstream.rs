@@ -1,0 +1,649 @@
+//! Upstream side: per-destination clusters (endpoints of a service or subset), load balancing,
+//! outlier detection, DestinationRule connection-pool limits, and HTTP connections carried over
+//! HBONE to the endpoint's ztunnel.
+//!
+//! Connection-pool model (Envoy's, simplified): an upstream HTTP connection is "busy" while a
+//! request/response is on it; `maxConnections` bounds busy connections; a request that finds
+//! none free waits in a pending queue of at most `http1MaxPendingRequests`, beyond which it is
+//! answered 503 with flag `UO`. A connection that reached `maxRequestsPerConnection` keeps its
+//! slot until it has actually closed (as Envoy counts it), which is why two callers against one
+//! connection already overflow now and then.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use zmesh_core::hbone::pool::{ConnectRequest, Pool, WorkloadKey};
+use zmesh_core::identity::Identity;
+use zmesh_core::state::Workload;
+use zmesh_proto::l7;
+
+/// Why an upstream request did not produce a response.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream connection pool overflow (DestinationRule connectionPool limits reached)")]
+    Overflow,
+    #[error("no healthy upstream")]
+    NoHealthy,
+    #[error("upstream connect error: {0}")]
+    Connect(String),
+    #[error("upstream connect error or disconnect/reset before headers. reset reason: {0}")]
+    Reset(String),
+    #[error("upstream request timeout")]
+    Timeout,
+}
+
+impl UpstreamError {
+    /// Envoy response flag.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            UpstreamError::Overflow => "UO",
+            UpstreamError::NoHealthy => "UH",
+            UpstreamError::Connect(_) => "UF",
+            UpstreamError::Reset(_) => "UC",
+            UpstreamError::Timeout => "UT",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            UpstreamError::Timeout => 504,
+            _ => 503,
+        }
+    }
+}
+
+/// Effective destination policy (service policy with subset / port overrides applied).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    pub lb: Option<l7::LoadBalancer>,
+    pub pool: Option<l7::ConnectionPool>,
+    pub outlier: Option<l7::OutlierDetection>,
+}
+
+impl Policy {
+    pub fn resolve(cfg: Option<&l7::ServiceConfig>, subset: &str, port: u16) -> Policy {
+        let mut p = Policy::default();
+        let Some(cfg) = cfg else { return p };
+        let mut apply = |tp: &l7::TrafficPolicy| {
+            if tp.load_balancer.is_some() {
+                p.lb = tp.load_balancer.clone();
+            }
+            if tp.connection_pool.is_some() {
+                p.pool = tp.connection_pool;
+            }
+            if tp.outlier_detection.is_some() {
+                p.outlier = tp.outlier_detection;
+            }
+            for pl in tp
+                .port_level_settings
+                .iter()
+                .filter(|pl| pl.port == u32::from(port))
+            {
+                if pl.load_balancer.is_some() {
+                    p.lb = pl.load_balancer.clone();
+                }
+                if pl.connection_pool.is_some() {
+                    p.pool = pl.connection_pool;
+                }
+                if pl.outlier_detection.is_some() {
+                    p.outlier = pl.outlier_detection;
+                }
+            }
+        };
+        if let Some(tp) = &cfg.traffic_policy {
+            apply(tp);
+        }
+        if let Some(tp) = cfg
+            .subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .and_then(|s| s.traffic_policy.as_ref())
+        {
+            apply(tp);
+        }
+        p
+    }
+}
+
+#[derive(Debug, Default)]
+struct EndpointHealth {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+    active: u32,
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+struct UpConn {
+    sender: Sender,
+    uses: u32,
+    /// Cancelled when the connection task has finished (the connection is closed).
+    closed: CancellationToken,
+}
+
+/// Counters for one cluster (Envoy's `upstream_rq_pending_overflow` etc.).
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub pending_overflow: AtomicU64,
+    pub pending_total: AtomicU64,
+    pub cx_total: AtomicU64,
+    pub ejections: AtomicU64,
+}
+
+/// The endpoints of one destination (service + subset + port + protocol).
+pub struct Cluster {
+    pub name: String,
+    pub policy: Policy,
+    conn_slots: Option<Arc<Semaphore>>,
+    pending: AtomicU32,
+    active_rq: AtomicU32,
+    rr: AtomicUsize,
+    health: Mutex<HashMap<String, EndpointHealth>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<UpConn>>>,
+    pub stats: ClusterStats,
+}
+
+/// One chosen endpoint.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub addr: SocketAddr,
+}
+
+impl Cluster {
+    fn new(name: String, policy: Policy) -> Arc<Self> {
+        let max_conn = policy.pool.as_ref().map(|p| p.max_connections).unwrap_or(0);
+        Arc::new(Cluster {
+            name,
+            conn_slots: (max_conn > 0).then(|| Arc::new(Semaphore::new(max_conn as usize))),
+            policy,
+            pending: AtomicU32::new(0),
+            active_rq: AtomicU32::new(0),
+            rr: AtomicUsize::new(0),
+            health: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+            stats: ClusterStats::default(),
+        })
+    }
+
+    fn is_ejected(&self, uid: &str, now: Instant) -> bool {
+        let h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        h.get(uid)
+            .and_then(|e| e.ejected_until)
+            .is_some_and(|t| t > now)
+    }
+
+    /// Choose an endpoint among `candidates` (healthy per the control plane), excluding
+    /// ejected ones. `hash` is the consistent-hash key when the policy asks for one.
+    pub fn pick(&self, candidates: &[Endpoint], hash: Option<&str>) -> Option<Endpoint> {
+        let now = Instant::now();
+        let live: Vec<&Endpoint> = candidates
+            .iter()
+            .filter(|e| !self.is_ejected(&e.workload.uid, now))
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        use l7::load_balancer::{Policy as P, Simple};
+        let policy = self.policy.lb.as_ref().and_then(|l| l.policy.clone());
+        let idx = match policy {
+            Some(P::ConsistentHash(_)) => match hash {
+                // Rendezvous hashing: stable per key, minimal movement when endpoints change.
+                Some(k) => live
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, e)| fnv(&[k.as_bytes(), e.workload.uid.as_bytes()]))
+                    .map(|(i, _)| i)
+                    .unwrap_or(0),
+                None => rand::random::<u64>() as usize % live.len(),
+            },
+            Some(P::Simple(s)) if s == Simple::RoundRobin as i32 => {
+                self.rr.fetch_add(1, Ordering::Relaxed) % live.len()
+            }
+            Some(P::Simple(s)) if s == Simple::Random as i32 => {
+                rand::random::<u64>() as usize % live.len()
+            }
+            // LEAST_REQUEST (Istio's default): power of two choices on active requests.
+            _ => {
+                let a = rand::random::<u64>() as usize % live.len();
+                let b = rand::random::<u64>() as usize % live.len();
+                let h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+                let act = |i: usize| h.get(&live[i].workload.uid).map(|e| e.active).unwrap_or(0);
+                if act(b) < act(a) { b } else { a }
+            }
+        };
+        Some(live[idx].clone())
+    }
+
+    /// Record the outcome of a request to `uid` for outlier detection. `status` None means a
+    /// locally detected failure (connect error, reset, timeout), counted as a 5xx as Envoy does.
+    pub fn record_outcome(&self, uid: &str, status: Option<u16>, total_hosts: usize) {
+        let Some(od) = &self.policy.outlier else {
+            return;
+        };
+        let is_5xx = status.is_none_or(|s| s >= 500);
+        let is_gw = status.is_none_or(|s| matches!(s, 502..=504));
+        let mut h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let ejected_now = h
+            .values()
+            .filter(|e| e.ejected_until.is_some_and(|t| t > now))
+            .count();
+        let e = h.entry(uid.to_string()).or_default();
+        if !is_5xx {
+            e.consecutive_5xx = 0;
+            e.consecutive_gateway = 0;
+            return;
+        }
+        e.consecutive_5xx += 1;
+        if is_gw {
+            e.consecutive_gateway += 1;
+        }
+        let limit_5xx = od.consecutive_5xx_errors.unwrap_or(5);
+        let trip = (limit_5xx > 0 && e.consecutive_5xx >= limit_5xx)
+            || od
+                .consecutive_gateway_errors
+                .is_some_and(|g| g > 0 && e.consecutive_gateway >= g);
+        if !trip || e.ejected_until.is_some_and(|t| t > now) {
+            return;
+        }
+        let max_pct = if od.max_ejection_percent == 0 {
+            10
+        } else {
+            od.max_ejection_percent.min(100)
+        };
+        // Envoy always allows ejecting at least one host... unless the percentage forbids it.
+        let allowed = (total_hosts.max(1) * max_pct as usize) / 100;
+        if ejected_now + 1 > allowed.max(usize::from(max_pct == 100)) {
+            return;
+        }
+        let base = od
+            .base_ejection_time
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(Duration::from_secs(30));
+        e.times_ejected += 1;
+        e.ejected_until = Some(now + base * e.times_ejected);
+        e.consecutive_5xx = 0;
+        e.consecutive_gateway = 0;
+        self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(cluster = %self.name, endpoint = %uid, "outlier detection ejected endpoint for {:?}", base * e.times_ejected);
+    }
+
+    fn track_active(&self, uid: &str, delta: i32) {
+        let mut h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let e = h.entry(uid.to_string()).or_default();
+        e.active = e.active.saturating_add_signed(delta);
+    }
+}
+
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in *p {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// Holds what a request occupies upstream until its response body is finished: the
+/// connection (returned to the idle list when reusable), the connection slot, counters.
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    addr: SocketAddr,
+    uid: String,
+    conn: Option<UpConn>,
+    permit: Option<OwnedSemaphorePermit>,
+    _rq: ActiveRq,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.cluster.track_active(&self.uid, -1);
+        let max_rq = self
+            .cluster
+            .policy
+            .pool
+            .as_ref()
+            .map(|p| p.max_requests_per_connection)
+            .unwrap_or(0);
+        let Some(conn) = self.conn.take() else { return };
+        let reusable = !conn.closed.is_cancelled()
+            && (max_rq == 0 || conn.uses < max_rq)
+            && match &conn.sender {
+                Sender::H1(s) => !s.is_closed(),
+                Sender::H2(s) => !s.is_closed(),
+            };
+        if reusable {
+            let mut idle = self
+                .cluster
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let list = idle.entry(self.addr).or_default();
+            // Bounded: never keep more idle connections than slots (or 64).
+            let cap = self
+                .cluster
+                .conn_slots
+                .as_ref()
+                .map(|_| {
+                    self.cluster
+                        .policy
+                        .pool
+                        .as_ref()
+                        .map(|p| p.max_connections as usize)
+                        .unwrap_or(64)
+                })
+                .unwrap_or(64);
+            if list.len() < cap {
+                list.push(conn);
+            }
+            return;
+        }
+        // Not reusable: the slot is free once the connection has really closed.
+        let closed = conn.closed.clone();
+        drop(conn);
+        if let Some(p) = self.permit.take() {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), closed.cancelled()).await;
+                drop(p);
+            });
+        }
+    }
+}
+
+struct ActiveRq(Arc<Cluster>);
+
+impl Drop for ActiveRq {
+    fn drop(&mut self) {
+        self.0.active_rq.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Settings for reaching endpoints.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    pub identity: Identity,
+    pub src_ip: IpAddr,
+    /// HBONE port of endpoints' ztunnels (15008), per node overrides (tests).
+    pub peer_hbone_port: u16,
+    pub peer_hbone_ports: HashMap<String, u16>,
+    pub connect_timeout: Duration,
+    /// How long a request may wait in the pending queue.
+    pub pending_timeout: Duration,
+}
+
+/// All clusters and the HBONE pool.
+pub struct Upstreams {
+    pub cfg: UpstreamConfig,
+    pool: Pool,
+    clusters: Mutex<HashMap<String, Arc<Cluster>>>,
+}
+
+impl Upstreams {
+    pub fn new(cfg: UpstreamConfig, pool: Pool) -> Self {
+        Upstreams {
+            cfg,
+            pool,
+            clusters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cluster named `name` with `policy`; rebuilt when the policy changed.
+    pub fn cluster(&self, name: &str, policy: Policy) -> Arc<Cluster> {
+        let mut c = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = c.get(name)
+            && existing.policy == policy
+        {
+            return existing.clone();
+        }
+        let new = Cluster::new(name.to_string(), policy);
+        c.insert(name.to_string(), new.clone());
+        new
+    }
+
+    /// All clusters (for stats).
+    pub fn clusters(&self) -> Vec<Arc<Cluster>> {
+        self.clusters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Take a request slot in `cluster` (connection slot or pending queue).
+    pub async fn admit(
+        &self,
+        cluster: &Arc<Cluster>,
+    ) -> Result<(Option<OwnedSemaphorePermit>, ActiveRqGuard), UpstreamError> {
+        let pool = cluster.policy.pool.unwrap_or_default();
+        let prev = cluster.active_rq.fetch_add(1, Ordering::AcqRel);
+        let guard = ActiveRqGuard(Some(ActiveRq(cluster.clone())));
+        if pool.http2_max_requests > 0 && prev >= pool.http2_max_requests {
+            cluster
+                .stats
+                .pending_overflow
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(UpstreamError::Overflow);
+        }
+        let Some(sem) = &cluster.conn_slots else {
+            return Ok((None, guard));
+        };
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Ok((Some(p), guard));
+        }
+        cluster.stats.pending_total.fetch_add(1, Ordering::Relaxed);
+        let max_pending = pool.http1_max_pending_requests;
+        let prev = cluster.pending.fetch_add(1, Ordering::AcqRel);
+        if max_pending > 0 && prev >= max_pending {
+            cluster.pending.fetch_sub(1, Ordering::AcqRel);
+            cluster
+                .stats
+                .pending_overflow
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(UpstreamError::Overflow);
+        }
+        let r = tokio::time::timeout(self.cfg.pending_timeout, sem.clone().acquire_owned()).await;
+        cluster.pending.fetch_sub(1, Ordering::AcqRel);
+        match r {
+            Ok(Ok(p)) => Ok((Some(p), guard)),
+            _ => {
+                cluster
+                    .stats
+                    .pending_overflow
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(UpstreamError::Overflow)
+            }
+        }
+    }
+
+    fn hbone_addr(&self, w: &Workload, ip: IpAddr) -> SocketAddr {
+        let port = self
+            .cfg
+            .peer_hbone_ports
+            .get(&w.node)
+            .copied()
+            .unwrap_or(self.cfg.peer_hbone_port);
+        SocketAddr::new(ip, port)
+    }
+
+    /// An HBONE tunnel to `ep` for opaque TCP.
+    pub async fn tcp_tunnel(
+        &self,
+        ep: &Endpoint,
+        tunnel_headers: HeaderMap,
+    ) -> Result<zmesh_core::hbone::H2Stream, UpstreamError> {
+        let key = WorkloadKey {
+            src_id: self.cfg.identity.clone(),
+            dst_id: vec![ep.workload.identity()],
+            dst: self.hbone_addr(&ep.workload, ep.addr.ip()),
+            src: self.cfg.src_ip,
+        };
+        let req = ConnectRequest {
+            authority: ep.addr.to_string(),
+            headers: tunnel_headers,
+        };
+        tokio::time::timeout(self.cfg.connect_timeout, self.pool.connect(&key, req))
+            .await
+            .map_err(|_| UpstreamError::Connect("HBONE connect timed out".into()))?
+            .map_err(|e| UpstreamError::Connect(e.to_string()))
+    }
+
+    async fn open(
+        &self,
+        cluster: &Cluster,
+        ep: &Endpoint,
+        h2: bool,
+        tunnel_headers: HeaderMap,
+    ) -> Result<UpConn, UpstreamError> {
+        let key = WorkloadKey {
+            src_id: self.cfg.identity.clone(),
+            dst_id: vec![ep.workload.identity()],
+            dst: self.hbone_addr(&ep.workload, ep.addr.ip()),
+            src: self.cfg.src_ip,
+        };
+        let req = ConnectRequest {
+            authority: ep.addr.to_string(),
+            headers: tunnel_headers,
+        };
+        let stream = tokio::time::timeout(self.cfg.connect_timeout, self.pool.connect(&key, req))
+            .await
+            .map_err(|_| UpstreamError::Connect("HBONE connect timed out".into()))?
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        cluster.stats.cx_total.fetch_add(1, Ordering::Relaxed);
+        let io = TokioIo::new(stream);
+        let closed = CancellationToken::new();
+        let done = closed.clone();
+        let sender = if h2 {
+            let (s, conn) = tokio::time::timeout(
+                self.cfg.connect_timeout,
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io),
+            )
+            .await
+            .map_err(|_| UpstreamError::Connect("HTTP/2 handshake timed out".into()))?
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+                done.cancel();
+            });
+            Sender::H2(s)
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+                done.cancel();
+            });
+            Sender::H1(s)
+        };
+        Ok(UpConn {
+            sender,
+            uses: 0,
+            closed,
+        })
+    }
+
+    /// Send one request to `ep` (a slot was admitted). Returns the response head and body
+    /// with the lease to hold until the body is done.
+    pub async fn send(
+        &self,
+        cluster: &Arc<Cluster>,
+        ep: &Endpoint,
+        mut req: Request<Full<Bytes>>,
+        h2: bool,
+        admitted: (Option<OwnedSemaphorePermit>, ActiveRqGuard),
+        tunnel_headers: HeaderMap,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let (permit, mut rq) = admitted;
+        let reused = {
+            let mut idle = cluster.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut found = None;
+            if let Some(list) = idle.get_mut(&ep.addr) {
+                while let Some(c) = list.pop() {
+                    let ok = !c.closed.is_cancelled()
+                        && match &c.sender {
+                            Sender::H1(s) => {
+                                !s.is_closed() && matches!(c.sender, Sender::H1(_)) && !h2
+                            }
+                            Sender::H2(s) => !s.is_closed() && h2,
+                        };
+                    if ok {
+                        found = Some(c);
+                        break;
+                    }
+                }
+            }
+            found
+        };
+        let mut conn = match reused {
+            Some(c) => c,
+            None => self.open(cluster, ep, h2, tunnel_headers).await?,
+        };
+        cluster.track_active(&ep.workload.uid, 1);
+        let lease = Lease {
+            cluster: cluster.clone(),
+            addr: ep.addr,
+            uid: ep.workload.uid.clone(),
+            conn: None,
+            permit,
+            _rq: rq.0.take().expect("fresh guard"),
+        };
+        conn.uses += 1;
+        let max_rq = cluster
+            .policy
+            .pool
+            .as_ref()
+            .map(|p| p.max_requests_per_connection)
+            .unwrap_or(0);
+        if !h2 && max_rq > 0 && conn.uses >= max_rq {
+            // Last request on this connection: tell the server too.
+            req.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let resp = match &mut conn.sender {
+            Sender::H1(s) => {
+                if s.ready().await.is_err() {
+                    return Err(UpstreamError::Reset("connection closed".into()));
+                }
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                if s.ready().await.is_err() {
+                    return Err(UpstreamError::Reset("connection closed".into()));
+                }
+                s.send_request(req).await
+            }
+        };
+        let mut lease = lease;
+        match resp {
+            Ok(r) => {
+                lease.conn = Some(conn);
+                Ok((r, lease))
+            }
+            Err(e) => Err(UpstreamError::Reset(e.to_string())),
+        }
+    }
+}
+
+/// Counts a request as active in its cluster until it is done.
+pub struct ActiveRqGuard(Option<ActiveRq>);
