@@ -8,7 +8,7 @@
 //! | [`copy`] | bidirectional byte copying with adaptive buffers and half-close |
 //! | [`state`], [`authz`] | workloads, services and policies indexed for lookup; Istio's L4 authorization |
 //! | [`metrics`], [`admin`], [`telemetry`] | Prometheus metrics with Istio names, admin/metrics/readiness servers, logging |
-//! | [`socket`], [`drain`] | socket options (transparent, marks), graceful shutdown |
+//! | [`socket`], [`drain`], [`process`] | socket options (transparent, marks), graceful shutdown, allocator tuning |
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
@@ -20,6 +20,7 @@ pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod process;
 pub mod socket;
 pub mod state;
 pub mod telemetry;

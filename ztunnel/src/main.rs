@@ -123,6 +123,7 @@ fn parse_peer_port(s: &str) -> Result<(String, u16), String> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    zmesh_core::process::tune_allocator();
     zmesh_core::tls::install_default_provider();
     let logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
     let _ = zmesh_core::socket::raise_fd_limit();

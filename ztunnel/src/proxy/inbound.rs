@@ -140,6 +140,9 @@ impl ConnectHandler for Inbound {
             responder.reject(StatusCode::BAD_REQUEST);
             return;
         }
+        // The request's headers are not needed past this point; don't keep them for the
+        // connection's lifetime.
+        drop(req);
         // A destination behind a waypoint only accepts traffic from that waypoint (Istio
         // refuses waypoint bypass). Service-addressed traffic is checked against the service's
         // waypoint, all traffic against the workload's.

@@ -477,7 +477,9 @@ pub async fn handle(
     let started = Instant::now();
     let span = info_span!("outbound", src = %peer, dst = %orig_dst);
     async move {
-        match connect(&pi, peer, orig_dst).await {
+        // Boxed: connection setup (TLS and HTTP/2 handshakes) has a large state that would
+        // otherwise stay in the task's allocation for the connection's whole life.
+        match Box::pin(connect(&pi, peer, orig_dst)).await {
             Ok(est) => relay(pi, client, est, started).await,
             Err(e) => {
                 warn!("outbound connection failed: {e}");

@@ -147,7 +147,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
     let started = Instant::now();
     let span = info_span!("socks5", src = %peer);
     async move {
-        let dst = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&pi, &mut client)).await {
+        let dst = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(handshake(&pi, &mut client))).await {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 if let Socks5Error::Resolve(_) = e {
@@ -161,7 +161,8 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
                 return;
             }
         };
-        match outbound::connect(&pi, peer, dst).await {
+        // Boxed for the same reason as in outbound::handle: free the setup state once open.
+        match Box::pin(outbound::connect(&pi, peer, dst)).await {
             Ok(est) => {
                 reply(&mut client, REP_SUCCEEDED).await;
                 outbound::relay(pi, client, est, started).await;
