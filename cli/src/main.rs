@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             Ok(outcome) if args.check && outcome.failed > 0 => ExitCode::FAILURE,
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("zmesh demo: {e:#}");
+                eprintln!("error: {e:#}");
                 ExitCode::FAILURE
             }
         },

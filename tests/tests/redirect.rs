@@ -464,8 +464,10 @@ fn http_get(c: &Cluster, from: &str, dst: SocketAddr, path: &str) -> Result<Stri
 /// from its CA): enrolment follows the Namespace's `istio.io/dataplane-mode` label — removing
 /// it from `client-ns` (the only file rewritten is the Namespaces file) releases the client
 /// (its marker then crosses in clear), adding it back captures it again, labelling `legacy`
-/// captures both of its pods (their traffic becomes HBONE) — with no restart; an
-/// AuthorizationPolicy added to the directory refuses the next connection.
+/// captures both of its pods (their traffic becomes HBONE) — with no restart; a mesh-wide
+/// STRICT PeerAuthentication refuses plaintext; a label change made while a ztunnel is down is
+/// reconciled when it restarts and resyncs; an AuthorizationPolicy added to the directory
+/// refuses the next connection.
 #[test]
 fn controller_namespace_label_enrolls_and_releases() {
     if !require_root("controller_namespace_label_enrolls_and_releases") {
@@ -556,6 +558,41 @@ fn controller_namespace_label_enrolls_and_releases() {
         "legacy marker in clear"
     );
     assert!(pcap_tcp_port_packets(&pcap, 15008) > 0, "no HBONE packets");
+
+    // Release legacy again, then STRICT (a mesh-wide PeerAuthentication in istio-system):
+    // the outsider's plaintext is refused, mesh traffic still flows.
+    c.set_namespace_enrolled("legacy", false).unwrap();
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("outsider released");
+    c.update_mesh(|m| m.mtls_mode = Some("STRICT".into()))
+        .unwrap();
+    wait_until(Duration::from_secs(10), "STRICT refuses plaintext", || {
+        c.echo("outsider", echo, "strict?", Duration::from_secs(2))
+            .is_err()
+    });
+    assert_eq!(c.echo("client", echo, "mtls", T).unwrap(), "v1 mtls");
+
+    // A label change while node0's ztunnel is down is reconciled when it comes back (it
+    // resyncs from the controller): the client is released.
+    c.kill_ztunnel(0);
+    c.set_namespace_enrolled("client-ns", false).unwrap();
+    c.restart_ztunnel(0)
+        .expect("restarted ztunnel resyncs and reconciles");
+    let change = &c.config_dump(0).unwrap()["redirect"]["last_change"];
+    assert_eq!(
+        change["removed"],
+        serde_json::json!([c.pod("client").ip.to_string()]),
+        "{change}"
+    );
+    c.update_mesh(|m| m.mtls_mode = None).unwrap();
+    c.set_namespace_enrolled("client-ns", true).unwrap();
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("client captured again");
+    assert_eq!(
+        c.echo_eventually("client", echo, "back", Duration::from_secs(5))
+            .unwrap(),
+        "v1 back"
+    );
 
     // A policy added to the directory refuses the client's next connection.
     c.update_mesh(|m| {
