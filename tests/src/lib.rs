@@ -15,13 +15,17 @@
 //!   first removes what crashed runs left behind ([`cleanup_stale`]).
 //! - Processes and client sockets are created inside a netns with `setns` (in `pre_exec` or on
 //!   a helper thread), never with `ip netns exec`, which remounts /sys and hides /sys/fs/bpf.
-//! - ztunnel's config comes from a [`MeshConfigSource`]; today [`LocalFileSource`] writes the
-//!   local YAML file every ztunnel reads (`--local-config`), later the controller's file source
-//!   can replace it.
-//! - Binaries: `ztunnel` is another package's binary, so it is looked up in the target directory
-//!   next to the test executable (`target/<profile>/ztunnel`) and built with `$CARGO build -p
-//!   ztunnel --bin ztunnel` first when missing. The sample apps are this package's binaries,
-//!   which cargo builds before running this package's tests.
+//! - ztunnel's config comes from a [`MeshConfigSource`]: [`LocalFileSource`] writes the local
+//!   YAML file every ztunnel reads (`--local-config`, in-process CA); [`ControllerSource`]
+//!   (`Cluster::builder().controller()`) runs `zmesh-controller` on a directory of Kubernetes
+//!   YAML in the fabric netns (10.254.0.254, on the bridge) and each ztunnel gets its config
+//!   over Delta ADS and its certificates from the controller's CA (TLS, port 15012).
+//! - Binaries (`ztunnel`, `zmesh-controller`, the sample apps) are looked up in the target
+//!   directory next to the running executable (`target/<profile>/<bin>`) and built with
+//!   `$CARGO build -p <package> --bin <bin>` first when missing ([`package_bin`]).
+
+mod controller_source;
+pub use controller_source::ControllerSource;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -197,15 +201,26 @@ pub fn target_bin(name: &str) -> Result<PathBuf> {
 
 /// `target/<profile>/ztunnel`, built first when missing.
 pub fn ztunnel_bin() -> Result<PathBuf> {
-    let p = target_bin("ztunnel")?;
+    package_bin("ztunnel", "ztunnel")
+}
+
+/// `target/<profile>/<bin>` of workspace package `package`, built first (`$CARGO build -p
+/// <package> --bin <bin>`) when missing.
+pub fn package_bin(package: &str, bin: &str) -> Result<PathBuf> {
+    let p = target_bin(bin)?;
     if !p.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "ztunnel", "--bin", "ztunnel"]);
+        cmd.args(["build", "-p", package, "--bin", bin]);
         if !p.to_string_lossy().contains("/debug/") {
             cmd.arg("--release");
         }
-        run(&mut cmd)?;
+        run(&mut cmd).map_err(|e| {
+            HarnessError::Other(format!(
+                "{} is missing and building it failed ({e}); build it with `cargo build -p {package} --bin {bin}`",
+                p.display()
+            ))
+        })?;
     }
     Ok(p)
 }
@@ -269,11 +284,22 @@ pub struct MeshDesc {
     pub policies: Vec<String>,
     /// `STRICT` / `PERMISSIVE` mesh-wide PeerAuthentication (None: default PERMISSIVE).
     pub mtls_mode: Option<String>,
+    /// Kubernetes YAML documents (AuthorizationPolicy, ...) for the [`ControllerSource`]'s
+    /// directory; the local-file source does not read them (it has [`MeshDesc::policies`]).
+    pub k8s_objects: Vec<String>,
 }
 
 impl MeshDesc {
     pub fn node_name(i: usize) -> String {
         format!("node{i}")
+    }
+
+    /// Enroll (or release) every pod of `namespace`. With the [`ControllerSource`] this is a
+    /// change of the Namespace's `istio.io/dataplane-mode` label only.
+    pub fn set_namespace_enrolled(&mut self, namespace: &str, enrolled: bool) {
+        for p in self.pods.iter_mut().filter(|p| p.namespace == namespace) {
+            p.enrolled = enrolled;
+        }
     }
 
     /// The local-config YAML (one file for every node; each ztunnel picks its own workloads).
@@ -327,13 +353,45 @@ impl MeshDesc {
     }
 }
 
-/// Where ztunnels get their configuration from. Today a local YAML file; the controller's
-/// file source can implement this later.
+/// What a source may need from the cluster when it starts (after the network exists, after
+/// the first [`MeshConfigSource::publish`], before any ztunnel starts).
+pub struct SourceEnv<'a> {
+    /// The fabric netns (bridge `br0`, no address of its own unless a source adds one).
+    pub fabric_ns: &'a str,
+    /// The cluster's scratch directory.
+    pub dir: &'a Path,
+    pub nodes: usize,
+}
+
+/// Where ztunnels get their configuration (and certificates) from: [`LocalFileSource`] or
+/// [`ControllerSource`].
 pub trait MeshConfigSource: Send {
     /// Publish (or re-publish) the configuration.
     fn publish(&mut self, mesh: &MeshDesc) -> Result<()>;
     /// ztunnel arguments that make it read this source.
     fn ztunnel_args(&self, node: usize) -> Vec<String>;
+    /// Start whatever serves the configuration (a controller process).
+    fn start(&mut self, _env: &SourceEnv<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// Stop what [`MeshConfigSource::start`] started (called before the netns are removed).
+    fn stop(&mut self) {}
+    /// The serving process's log, if any.
+    fn log(&self) -> String {
+        String::new()
+    }
+    /// Downcasting, for scenario code that needs the concrete source.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Which [`MeshConfigSource`] a cluster is built with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SourceKind {
+    /// [`LocalFileSource`].
+    #[default]
+    LocalFile,
+    /// [`ControllerSource`].
+    Controller,
 }
 
 /// `--local-config <dir>/mesh.yaml` + an in-process CA from PEM files.
@@ -366,6 +424,9 @@ impl MeshConfigSource for LocalFileSource {
         std::fs::rename(&tmp, &self.path)?;
         Ok(())
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn ztunnel_args(&self, _node: usize) -> Vec<String> {
         vec![
             "--local-config".into(),
@@ -380,6 +441,7 @@ impl MeshConfigSource for LocalFileSource {
 
 pub struct ClusterBuilder {
     mesh: MeshDesc,
+    source: SourceKind,
 }
 
 impl ClusterBuilder {
@@ -399,8 +461,18 @@ impl ClusterBuilder {
         self.mesh.policies.push(yaml.into());
         self
     }
+    /// A Kubernetes YAML document for the controller's directory (see [`MeshDesc::k8s_objects`]).
+    pub fn k8s_object(mut self, yaml: &str) -> Self {
+        self.mesh.k8s_objects.push(yaml.into());
+        self
+    }
+    /// Feed the ztunnels from `zmesh-controller` (Delta ADS + CA) instead of a local file.
+    pub fn controller(mut self) -> Self {
+        self.source = SourceKind::Controller;
+        self
+    }
     pub fn build(self) -> Result<Cluster> {
-        Cluster::create(self.mesh)
+        Cluster::create(self.mesh, self.source)
     }
 }
 
@@ -444,6 +516,7 @@ impl Cluster {
                 nodes: 2,
                 ..MeshDesc::default()
             },
+            source: SourceKind::LocalFile,
         }
     }
 
@@ -471,7 +544,7 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no pod {name} in the cluster"))
     }
 
-    fn create(mut mesh: MeshDesc) -> Result<Cluster> {
+    fn create(mut mesh: MeshDesc, kind: SourceKind) -> Result<Cluster> {
         cleanup_stale(PREFIX_ROOT);
         let prefix = format!(
             "{PREFIX_ROOT}{}x{}",
@@ -486,7 +559,10 @@ impl Cluster {
             p.ip = Ipv4Addr::new(10, 20, p.node as u8, per_node[p.node]);
             per_node[p.node] += 1;
         }
-        let source = Box::new(LocalFileSource::new(&dir)?);
+        let source: Box<dyn MeshConfigSource> = match kind {
+            SourceKind::LocalFile => Box::new(LocalFileSource::new(&dir)?),
+            SourceKind::Controller => Box::new(ControllerSource::new(&dir, mesh.nodes)?),
+        };
         let mut c = Cluster {
             prefix,
             dir,
@@ -500,6 +576,12 @@ impl Cluster {
         c.create_network()?;
         let mesh = c.mesh.clone();
         c.source.publish(&mesh)?;
+        let fabric = c.fabric_ns();
+        c.source.start(&SourceEnv {
+            fabric_ns: &fabric,
+            dir: &c.dir,
+            nodes: c.mesh.nodes,
+        })?;
         for i in 0..c.mesh.nodes {
             let p = c.spawn_ztunnel(i)?;
             c.ztunnels.push(Some(p));
@@ -746,6 +828,22 @@ impl Cluster {
         self.wait_enrolled(i, timeout)
     }
 
+    /// The controller's log ([`ControllerSource`]; empty for the local-file source).
+    pub fn source_log(&self) -> String {
+        strip_ansi(&self.source.log())
+    }
+
+    /// The [`ControllerSource`], when the cluster was built with one.
+    pub fn controller_source(&self) -> Option<&ControllerSource> {
+        self.source.as_any().downcast_ref::<ControllerSource>()
+    }
+
+    /// Enroll or release every pod of `namespace` and publish (controller source: the
+    /// Namespace label flips, nothing restarts).
+    pub fn set_namespace_enrolled(&mut self, namespace: &str, enrolled: bool) -> Result<()> {
+        self.update_mesh(|m| m.set_namespace_enrolled(namespace, enrolled))
+    }
+
     /// Change the mesh description and publish it; ztunnels pick it up (file watch).
     pub fn update_mesh(&mut self, f: impl FnOnce(&mut MeshDesc)) -> Result<()> {
         f(&mut self.mesh);
@@ -755,7 +853,7 @@ impl Cluster {
 
     /// Start one of this package's sample apps in pod `name`.
     pub fn start_app(&mut self, pod: &str, bin: &str, args: &[&str]) -> Result<()> {
-        let path = target_bin(bin)?;
+        let path = package_bin("zmesh-tests", bin)?;
         let log = self.dir.join(format!("{pod}-{bin}.log"));
         let out = File::create(&log)?;
         let err = out.try_clone()?;
@@ -917,6 +1015,7 @@ impl Drop for Cluster {
                 p.kill();
             }
         }
+        self.source.stop();
         for ns in self.netns.iter().rev() {
             remove_netns(ns);
         }

@@ -459,3 +459,171 @@ fn http_get(c: &Cluster, from: &str, dst: SocketAddr, path: &str) -> Result<Stri
         Err(status.to_string())
     }
 }
+
+/// The same cluster fed by `zmesh-controller` (file source, Delta ADS over TLS, certificates
+/// from its CA): enrolment follows the Namespace's `istio.io/dataplane-mode` label — removing
+/// it from `client-ns` (the only file rewritten is the Namespaces file) releases the client
+/// (its marker then crosses in clear), adding it back captures it again, labelling `legacy`
+/// captures both of its pods (their traffic becomes HBONE) — with no restart; a mesh-wide
+/// STRICT PeerAuthentication refuses plaintext; a label change made while a ztunnel is down is
+/// reconciled when it restarts and resyncs; an AuthorizationPolicy added to the directory
+/// refuses the next connection.
+#[test]
+fn controller_namespace_label_enrolls_and_releases() {
+    if !require_root("controller_namespace_label_enrolls_and_releases") {
+        return;
+    }
+    let mut c = Cluster::builder()
+        .controller()
+        .nodes(2)
+        .pod(PodSpec::new("client", "client-ns", 0, true))
+        .pod(PodSpec::new("outsider", "legacy", 0, false))
+        .pod(PodSpec::new("echo", "server-ns", 1, true))
+        .pod(PodSpec::new("plain", "legacy", 1, false).version("v0"))
+        .build()
+        .expect("building the netns cluster with the controller");
+    c.start_tcp_echo("echo", 9000).expect("echo app");
+    c.start_tcp_echo("plain", 9000).expect("plain app");
+    let echo = addr(&c, "echo", 9000);
+    let plain = addr(&c, "plain", 9000);
+
+    // Mesh traffic with identities from the controller's CA.
+    let marker = "ZMESH-CTRL-HBONE-11aa";
+    let cap = c.capture("ctrl-hbone").unwrap();
+    assert_eq!(
+        c.echo("client", echo, marker, T).unwrap(),
+        format!("v1 {marker}")
+    );
+    let pcap = cap.finish().unwrap();
+    assert!(!contains(&pcap, marker.as_bytes()), "marker in clear");
+    assert!(pcap_tcp_port_packets(&pcap, 15008) > 0, "no HBONE packets");
+    let client_id = c.pod("client").identity();
+    assert!(
+        c.wait_log_line(1, T, |l| l.contains("connection complete")
+            && l.contains(&format!("src.identity=\"{client_id}\""))),
+        "node1 did not log the client's identity:\n{}",
+        c.ztunnel_log(1)
+    );
+
+    // Un-enroll client-ns: only the Namespace label changes.
+    c.set_namespace_enrolled("client-ns", false).unwrap();
+    let changed = c.controller_source().unwrap().last_changed.clone();
+    assert_eq!(changed, vec!["00-namespaces.yaml".to_string()]);
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("client released");
+    let cap = c.capture("ctrl-released").unwrap();
+    let marker = "ZMESH-CTRL-DIRECT-22bb";
+    assert_eq!(
+        c.echo_eventually("client", echo, marker, Duration::from_secs(5))
+            .unwrap(),
+        format!("v1 {marker}")
+    );
+    assert!(
+        contains(&cap.finish().unwrap(), marker.as_bytes()),
+        "released client should connect directly (in clear)"
+    );
+
+    // Label it again: captured again.
+    c.set_namespace_enrolled("client-ns", true).unwrap();
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("client captured again");
+    let cap = c.capture("ctrl-again").unwrap();
+    let marker = "ZMESH-CTRL-AGAIN-33cc";
+    assert_eq!(
+        c.echo_eventually("client", echo, marker, Duration::from_secs(5))
+            .unwrap(),
+        format!("v1 {marker}")
+    );
+    assert!(
+        !contains(&cap.finish().unwrap(), marker.as_bytes()),
+        "re-enrolled traffic went in clear"
+    );
+
+    // Label legacy: both of its pods (one per node) are captured; their traffic is HBONE.
+    c.set_namespace_enrolled("legacy", true).unwrap();
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("outsider captured");
+    c.wait_enrolled(1, Duration::from_secs(15))
+        .expect("plain captured");
+    let cap = c.capture("ctrl-legacy").unwrap();
+    let marker = "ZMESH-CTRL-LEGACY-44dd";
+    assert_eq!(
+        c.echo_eventually("outsider", plain, marker, Duration::from_secs(5))
+            .unwrap(),
+        format!("v0 {marker}")
+    );
+    let pcap = cap.finish().unwrap();
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "legacy marker in clear"
+    );
+    assert!(pcap_tcp_port_packets(&pcap, 15008) > 0, "no HBONE packets");
+
+    // Release legacy again, then STRICT (a mesh-wide PeerAuthentication in istio-system):
+    // the outsider's plaintext is refused, mesh traffic still flows.
+    c.set_namespace_enrolled("legacy", false).unwrap();
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("outsider released");
+    c.update_mesh(|m| m.mtls_mode = Some("STRICT".into()))
+        .unwrap();
+    wait_until(Duration::from_secs(10), "STRICT refuses plaintext", || {
+        c.echo("outsider", echo, "strict?", Duration::from_secs(2))
+            .is_err()
+    });
+    assert_eq!(c.echo("client", echo, "mtls", T).unwrap(), "v1 mtls");
+
+    // A label change while node0's ztunnel is down is reconciled when it comes back (it
+    // resyncs from the controller): the client is released.
+    c.kill_ztunnel(0);
+    c.set_namespace_enrolled("client-ns", false).unwrap();
+    c.restart_ztunnel(0)
+        .expect("restarted ztunnel resyncs and reconciles");
+    let change = &c.config_dump(0).unwrap()["redirect"]["last_change"];
+    assert_eq!(
+        change["removed"],
+        serde_json::json!([c.pod("client").ip.to_string()]),
+        "{change}"
+    );
+    c.update_mesh(|m| m.mtls_mode = None).unwrap();
+    c.set_namespace_enrolled("client-ns", true).unwrap();
+    c.wait_enrolled(0, Duration::from_secs(15))
+        .expect("client captured again");
+    assert_eq!(
+        c.echo_eventually("client", echo, "back", Duration::from_secs(5))
+            .unwrap(),
+        "v1 back"
+    );
+
+    // A policy added to the directory refuses the client's next connection.
+    c.update_mesh(|m| {
+        m.k8s_objects.push(
+            r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-client-ns
+  namespace: server-ns
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: ["client-ns"]"#
+                .into(),
+        )
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(10), "deny-client-ns applies", || {
+        c.echo("client", echo, "denied?", Duration::from_secs(2))
+            .is_err()
+    });
+    assert!(
+        c.wait_log_line(1, T, |l| l.contains("denied by authorization policy")
+            && l.contains("deny-client-ns")),
+        "no denial log line naming the policy:\n{}",
+        c.ztunnel_log(1)
+    );
+    assert_eq!(
+        c.echo("outsider", echo, "still-allowed", T).unwrap(),
+        "v1 still-allowed"
+    );
+}
