@@ -125,9 +125,16 @@ pub fn traffic_labels(
     security: SecurityPolicy,
 ) -> TcpLabels {
     let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| w.map(f).unwrap_or("").to_string();
+    // The source reporter presents the source's own certificate, so its identity is known; a
+    // destination only knows what the peer proved (plaintext has no principal, whatever the
+    // source address says).
     let src_principal = src_identity
         .map(|i| i.to_string())
-        .or_else(|| src.map(|w| w.identity().to_string()))
+        .or_else(|| {
+            (reporter == Reporter::Source)
+                .then(|| src.map(|w| w.identity().to_string()))
+                .flatten()
+        })
         .unwrap_or_default();
     TcpLabels {
         source_workload: field(src, |w| &w.workload_name),

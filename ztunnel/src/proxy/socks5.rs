@@ -147,20 +147,23 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
     let started = Instant::now();
     let span = info_span!("socks5", src = %peer);
     async move {
-        let dst = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(handshake(&pi, &mut client))).await {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                if let Socks5Error::Resolve(_) = e {
-                    reply(&mut client, REP_HOST_UNREACHABLE).await;
+        let dst =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(handshake(&pi, &mut client)))
+                .await
+            {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    if let Socks5Error::Resolve(_) = e {
+                        reply(&mut client, REP_HOST_UNREACHABLE).await;
+                    }
+                    debug!("SOCKS5 handshake failed: {e}");
+                    return;
                 }
-                debug!("SOCKS5 handshake failed: {e}");
-                return;
-            }
-            Err(_) => {
-                debug!("{}", Socks5Error::Timeout);
-                return;
-            }
-        };
+                Err(_) => {
+                    debug!("{}", Socks5Error::Timeout);
+                    return;
+                }
+            };
         // Boxed for the same reason as in outbound::handle: free the setup state once open.
         match Box::pin(outbound::connect(&pi, peer, dst)).await {
             Ok(est) => {
