@@ -12,6 +12,13 @@
 //! disconnected the state is kept and served; reconnects back off exponentially with jitter
 //! (100 ms → 15 s). The store is marked synced after the first response of every type.
 //!
+//! **Extra types**: [`XdsClient::with_extra_type`] subscribes (wildcard) to another type URL
+//! whose resources go to a [`ResourceHandler`] instead of the [`StateStore`] (the waypoint's
+//! L7 configuration). The handler gets each response's upserts and removals in one call and
+//! returns per-resource errors, which are NACKed like decoding errors (the previous version of
+//! those resources stays held). Extra types count for the initial sync: the store is marked
+//! synced only once every subscribed type, extra ones included, has had its first response.
+//!
 //! **CA** (`istio.v1.auth.IstioCertificateService/CreateCertificate`): CSR in, PEM chain out,
 //! authenticated with `authorization: Bearer <token>` (+ `clusterid`), and in node-agent mode
 //! the `ImpersonatedIdentity` metadata field.
@@ -508,6 +515,21 @@ impl XdsConfig {
         }
     }
 
+    /// A waypoint's subscription: Address + Authorization for the state store (the L7 types
+    /// are added with [`XdsClient::with_extra_type`]); node id `waypoint~<ip>~<pod>.<ns>~...`.
+    pub fn waypoint(
+        endpoint: ControlPlaneEndpoint,
+        pod_name: &str,
+        pod_namespace: &str,
+        instance_ip: Option<IpAddr>,
+    ) -> Self {
+        let ip = instance_ip.unwrap_or(UNKNOWN_INSTANCE_IP);
+        let mut cfg = XdsConfig::ztunnel(endpoint, "", pod_name, pod_namespace, instance_ip);
+        cfg.metadata.remove("NODE_NAME");
+        cfg.node = NodeId::new("waypoint", ip, pod_name, pod_namespace);
+        cfg
+    }
+
     fn node(&self) -> Node {
         let fields = self
             .metadata
@@ -538,6 +560,52 @@ pub struct XdsStatus {
     pub responses: AtomicU64,
     pub nacks_sent: AtomicU64,
     pub connected: AtomicBool,
+    /// Every subscribed type (extra types included) has had its first response.
+    pub synced: AtomicBool,
+}
+
+impl XdsStatus {
+    /// JSON for config dumps.
+    pub fn dump(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connected": self.connected.load(Ordering::Relaxed),
+            "synced": self.synced.load(Ordering::Relaxed),
+            "connects": self.connects.load(Ordering::Relaxed),
+            "responses": self.responses.load(Ordering::Relaxed),
+            "nacks_sent": self.nacks_sent.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// One resource of an extra type as received: name, version and the encoded body
+/// (`Any.value`, whose type URL has already been checked against the response's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedResource {
+    pub name: String,
+    pub version: String,
+    pub value: Vec<u8>,
+}
+
+/// A resource a [`ResourceHandler`] could not apply; it is NACKed with this message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{name}: {message}")]
+pub struct ResourceError {
+    pub name: String,
+    pub message: String,
+}
+
+/// Receives the resources of an extra type URL (see [`XdsClient::with_extra_type`]).
+pub trait ResourceHandler: Send + Sync + 'static {
+    /// Apply one response of `type_url`: `updated` are added or changed, `removed` are gone.
+    /// Apply it as one unit (readers should never see half a response). Resources listed in
+    /// the returned errors are NACKed and must keep their previous version (if any); the
+    /// others count as applied. Must not block for long: it runs on the xDS stream's task.
+    fn apply_resources(
+        &self,
+        type_url: &str,
+        updated: &[ReceivedResource],
+        removed: &[String],
+    ) -> Vec<ResourceError>;
 }
 
 /// What a resource name stands for in the state (Address names are workloads or services).
@@ -546,6 +614,8 @@ enum Held {
     Workload(String),
     Service(String),
     Policy(String),
+    /// A resource of an extra type (its handler keeps the content).
+    Extra,
 }
 
 /// The Delta ADS client; see the module docs.
@@ -553,6 +623,8 @@ pub struct XdsClient {
     cfg: XdsConfig,
     stop: CancellationToken,
     status: Arc<XdsStatus>,
+    /// Extra type URLs and their handlers (not in `cfg.types`).
+    extra: Vec<(String, Arc<dyn ResourceHandler>)>,
 }
 
 impl XdsClient {
@@ -561,7 +633,40 @@ impl XdsClient {
             cfg,
             stop: CancellationToken::new(),
             status: Arc::default(),
+            extra: Vec::new(),
         }
+    }
+
+    /// Also subscribe (wildcard) to `type_url`, handing its resources to `handler` instead of
+    /// the state store. A type already subscribed (in [`XdsConfig::types`] or added before) is
+    /// moved to this handler.
+    pub fn with_extra_type(
+        mut self,
+        type_url: impl Into<String>,
+        handler: Arc<dyn ResourceHandler>,
+    ) -> Self {
+        let type_url = type_url.into();
+        self.cfg.types.retain(|t| *t != type_url);
+        self.extra.retain(|(t, _)| *t != type_url);
+        self.extra.push((type_url, handler));
+        self
+    }
+
+    /// Every subscribed type URL: the state store's, then the extra ones.
+    pub fn type_urls(&self) -> Vec<String> {
+        self.cfg
+            .types
+            .iter()
+            .cloned()
+            .chain(self.extra.iter().map(|(t, _)| t.clone()))
+            .collect()
+    }
+
+    fn handler(&self, type_url: &str) -> Option<&Arc<dyn ResourceHandler>> {
+        self.extra
+            .iter()
+            .find(|(t, _)| t == type_url)
+            .map(|(_, h)| h)
     }
 
     /// Cancelling `stop` ends [`ConfigSource::run`] (the state is left as it is).
@@ -628,7 +733,20 @@ fn remove_held(update: &mut StateUpdate, held: Held) {
         Held::Workload(k) => update.remove_workloads.push(k),
         Held::Service(k) => update.remove_services.push(k),
         Held::Policy(k) => update.remove_policies.push(k),
+        Held::Extra => {}
     }
+}
+
+/// The body of a resource of an extra type, checked against the response's type URL.
+fn extra_body(type_url: &str, r: &zmesh_proto::discovery::Resource) -> Result<Vec<u8>, String> {
+    let any = r.resource.as_ref().ok_or("resource has no body")?;
+    if any.type_url != type_url {
+        return Err(format!(
+            "resource body has type {:?}, the response is for {type_url:?}",
+            any.type_url
+        ));
+    }
+    Ok(any.value.clone())
 }
 
 impl HeldResources {
@@ -637,11 +755,14 @@ impl HeldResources {
         &mut self,
         store: &StateStore,
         types: &[String],
+        handler: Option<&Arc<dyn ResourceHandler>>,
         resp: DeltaDiscoveryResponse,
     ) -> DeltaDiscoveryRequest {
         let type_url = resp.type_url.clone();
         let mut errors = Vec::new();
-        if !types.contains(&type_url) {
+        if let Some(handler) = handler {
+            self.apply_extra(handler.as_ref(), &resp, &mut errors);
+        } else if !types.contains(&type_url) {
             errors.push(format!("type {type_url:?} was not subscribed"));
         } else {
             let held = self.types.entry(type_url.clone()).or_default();
@@ -671,7 +792,7 @@ impl HeldResources {
                     }
                     Err(e) => {
                         errors.push(format!("{}: {e}", r.name));
-                        (Held::Workload(String::new()), false)
+                        (Held::Extra, false)
                     }
                 };
                 if !ok {
@@ -707,6 +828,40 @@ impl HeldResources {
             ..Default::default()
         }
     }
+
+    /// One response of an extra type: bodies checked here, content applied by the handler.
+    fn apply_extra(
+        &mut self,
+        handler: &dyn ResourceHandler,
+        resp: &DeltaDiscoveryResponse,
+        errors: &mut Vec<String>,
+    ) {
+        let type_url = resp.type_url.as_str();
+        let mut updated = Vec::with_capacity(resp.resources.len());
+        for r in &resp.resources {
+            match extra_body(type_url, r) {
+                Ok(value) => updated.push(ReceivedResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    value,
+                }),
+                Err(e) => errors.push(format!("{}: {e}", r.name)),
+            }
+        }
+        let rejected = handler.apply_resources(type_url, &updated, &resp.removed_resources);
+        let held = self.types.entry(type_url.to_string()).or_default();
+        for name in &resp.removed_resources {
+            held.remove(name);
+        }
+        for r in updated {
+            // why: a rejected resource keeps its last good version (the handler kept it too).
+            if !rejected.iter().any(|e| e.name == r.name) {
+                held.insert(r.name, (r.version, Held::Extra));
+            }
+        }
+        errors.extend(rejected.iter().map(ToString::to_string));
+        self.synced.insert(type_url.to_string());
+    }
 }
 
 /// Jittered delay in [d/2, d].
@@ -739,15 +894,16 @@ impl XdsClient {
         let channel = cfg.endpoint.channel()?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE_BYTES);
-        let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+        let all_types = self.type_urls();
+        // Room for every initial request plus ACKs: the initial sends never block.
+        let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(16 + all_types.len());
         let node = cfg.node();
-        for t in &cfg.types {
+        for t in &all_types {
             let initial = held
                 .types
                 .get(t)
                 .map(|m| m.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
-            // Capacity 16 ≥ number of types: never blocks.
             let _ = tx
                 .send(DeltaDiscoveryRequest {
                     node: Some(node.clone()),
@@ -786,14 +942,20 @@ impl XdsClient {
             self.status.responses.fetch_add(1, Ordering::Relaxed);
             debug!(type_url = %resp.type_url, version = %resp.system_version_info,
                 resources = resp.resources.len(), removed = resp.removed_resources.len(), "xDS response");
-            let ack = held.apply(store, &cfg.types, resp);
+            let handler = self.handler(&resp.type_url);
+            let ack = held.apply(store, &cfg.types, handler, resp);
             if let Some(e) = &ack.error_detail {
                 self.status.nacks_sent.fetch_add(1, Ordering::Relaxed);
                 warn!(type_url = %ack.type_url, "NACK: {}", e.message);
             }
-            if !store.is_synced() && cfg.types.iter().all(|t| held.synced.contains(t)) {
+            if !self.status.synced.load(Ordering::Relaxed)
+                && all_types.iter().all(|t| held.synced.contains(t))
+            {
                 info!(%address, "xDS initial sync complete");
-                store.mark_synced();
+                self.status.synced.store(true, Ordering::Relaxed);
+                if !store.is_synced() {
+                    store.mark_synced();
+                }
             }
             if tx.send(ack).await.is_err() {
                 return Err(XdsError::Closed { address });
@@ -984,6 +1146,92 @@ mod tests {
         assert_eq!(dotted.pod_namespace, "ns");
         assert!(NodeId::parse("nonsense").is_none());
         assert!(NodeId::parse("a~b~c~d~e").is_none());
+    }
+
+    /// Records what it was given; rejects resources named `bad*`.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<(Vec<String>, Vec<String>)>>);
+
+    impl ResourceHandler for Recorder {
+        fn apply_resources(
+            &self,
+            _type_url: &str,
+            updated: &[ReceivedResource],
+            removed: &[String],
+        ) -> Vec<ResourceError> {
+            self.0.lock().unwrap().push((
+                updated.iter().map(|r| r.name.clone()).collect(),
+                removed.to_vec(),
+            ));
+            updated
+                .iter()
+                .filter(|r| r.name.starts_with("bad"))
+                .map(|r| ResourceError {
+                    name: r.name.clone(),
+                    message: "rejected".into(),
+                })
+                .collect()
+        }
+    }
+
+    fn res(name: &str, type_url: &str) -> zmesh_proto::discovery::Resource {
+        zmesh_proto::discovery::Resource {
+            name: name.into(),
+            version: "v1".into(),
+            resource: Some(prost_types::Any {
+                type_url: type_url.into(),
+                value: vec![1, 2, 3],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn extra_types_go_to_their_handler_and_nack_per_resource() {
+        const T: &str = "type.googleapis.com/test.Extra";
+        let store = StateStore::new();
+        let rec = Arc::new(Recorder::default());
+        let handler: Arc<dyn ResourceHandler> = rec.clone();
+        let mut held = HeldResources::default();
+        let ack = held.apply(
+            &store,
+            &[],
+            Some(&handler),
+            DeltaDiscoveryResponse {
+                type_url: T.into(),
+                nonce: "n1".into(),
+                resources: vec![res("good", T), res("bad", T), res("wrong", "other")],
+                ..Default::default()
+            },
+        );
+        let e = ack.error_detail.expect("NACK");
+        assert!(e.message.contains("bad: rejected"), "{}", e.message);
+        assert!(
+            e.message.contains("wrong: resource body has type"),
+            "{}",
+            e.message
+        );
+        assert_eq!(ack.response_nonce, "n1");
+        assert_eq!(rec.0.lock().unwrap()[0].0, vec!["good", "bad"]);
+        let names: HashSet<&String> = held.types[T].keys().collect();
+        assert_eq!(names, HashSet::from([&"good".to_string()]));
+        assert!(held.synced.contains(T));
+        let ack = held.apply(
+            &store,
+            &[],
+            Some(&handler),
+            DeltaDiscoveryResponse {
+                type_url: T.into(),
+                nonce: "n2".into(),
+                removed_resources: vec!["good".into()],
+                ..Default::default()
+            },
+        );
+        assert!(ack.error_detail.is_none());
+        assert!(held.types[T].is_empty());
+        assert_eq!(rec.0.lock().unwrap()[1].1, vec!["good"]);
+        // The state store was never touched.
+        assert!(!store.is_synced());
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //!
 //! Layout: [`sniff`] protocol detection, [`matcher`] matching and L7 authz, [`http`] the
 //! request pipeline, [`upstream`] clusters/LB/outlier detection/connection pools, [`stats`]
-//! Istio metrics.
+//! Istio metrics, [`app`] the process around it (xDS, certificates, admin, readiness, drain)
+//! used by the `waypoint` binary.
 
+pub mod app;
 pub mod http;
 pub mod matcher;
 pub mod sniff;
@@ -180,6 +182,12 @@ impl Waypoint {
     pub fn shutdown(&self) {
         self.inner.drain.stopping().cancel();
         self.inner.drain.force_close().cancel();
+    }
+
+    /// Stop accepting, give live connections up to `grace` to finish, then close the rest.
+    /// Returns how many connections were cut.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.inner.drain.shutdown(grace).await
     }
 }
 

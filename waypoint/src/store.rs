@@ -1,11 +1,17 @@
 //! `L7Store`: the waypoint's L7 configuration (decoded `ServiceConfig`s by service key and
 //! waypoint-bound `Authorization`s), swapped atomically so a request sees one consistent view.
+//!
+//! It is fed either directly ([`L7Store::apply`], [`L7Store::replace`]: tests, embedders) or
+//! over xDS as the [`ResourceHandler`] of the `zmesh.l7.v1` type URLs (see
+//! [`L7Store::subscribe`]): each Delta ADS response is one atomic swap, and resources that do
+//! not decode are NACKed while the previous version stays in use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use prost::Message;
+use zmesh_core::xds::{ReceivedResource, ResourceError, ResourceHandler, XdsClient};
 use zmesh_proto::l7;
 
 /// Why a resource could not be applied.
@@ -148,13 +154,119 @@ impl L7Store {
         errors
     }
 
-    /// JSON for config_dump.
+    /// Make `client` deliver both L7 type URLs to this store.
+    pub fn subscribe(self: &Arc<Self>, client: XdsClient) -> XdsClient {
+        client
+            .with_extra_type(zmesh_proto::L7_SERVICE_TYPE_URL, self.clone())
+            .with_extra_type(zmesh_proto::L7_AUTHZ_TYPE_URL, self.clone())
+    }
+
+    /// JSON for config_dump: every resource held, by name, rendered as proto3 JSON.
     pub fn dump(&self) -> serde_json::Value {
+        fn render<M: Message>(type_url: &str, m: &M) -> serde_json::Value {
+            zmesh_proto::reflect::to_json(type_url, &m.encode_to_vec())
+                .unwrap_or_else(|e| serde_json::Value::String(e.to_string()))
+        }
         let c = self.load();
-        let mut s: Vec<&String> = c.services.keys().collect();
-        s.sort();
-        let mut a: Vec<&String> = c.authorizations.keys().collect();
-        a.sort();
-        serde_json::json!({ "services": s, "authorizations": a })
+        let services: serde_json::Map<String, serde_json::Value> = c
+            .services
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    render(zmesh_proto::L7_SERVICE_TYPE_URL, v.as_ref()),
+                )
+            })
+            .collect();
+        let authorizations: serde_json::Map<String, serde_json::Value> = c
+            .authorizations
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    render(zmesh_proto::L7_AUTHZ_TYPE_URL, v.as_ref()),
+                )
+            })
+            .collect();
+        serde_json::json!({ "services": services, "authorizations": authorizations })
+    }
+}
+
+impl ResourceHandler for L7Store {
+    fn apply_resources(
+        &self,
+        type_url: &str,
+        updated: &[ReceivedResource],
+        removed: &[String],
+    ) -> Vec<ResourceError> {
+        let items: Vec<(String, Vec<u8>)> = updated
+            .iter()
+            .map(|r| (r.name.clone(), r.value.clone()))
+            .collect();
+        self.apply(type_url, &items, removed, false)
+            .into_iter()
+            .flat_map(|e| match e {
+                L7StoreError::Decode { ref name, .. } => vec![ResourceError {
+                    name: name.clone(),
+                    message: e.to_string(),
+                }],
+                L7StoreError::UnknownType(_) => updated
+                    .iter()
+                    .map(|r| ResourceError {
+                        name: r.name.clone(),
+                        message: e.to_string(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xds_handler_applies_and_rejects_per_resource() {
+        let store = L7Store::new();
+        let good = l7::ServiceConfig {
+            hostname: "reviews.default.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let r = |name: &str, value: Vec<u8>| ReceivedResource {
+            name: name.into(),
+            version: "1".into(),
+            value,
+        };
+        let errs = store.apply_resources(
+            zmesh_proto::L7_SERVICE_TYPE_URL,
+            &[
+                r("default/reviews", good.encode_to_vec()),
+                r("default/broken", vec![0xff, 0xff, 0xff]),
+            ],
+            &[],
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].name, "default/broken");
+        assert!(
+            errs[0].message.contains("does not decode"),
+            "{}",
+            errs[0].message
+        );
+        assert!(store.load().service("default/reviews").is_some());
+        let dump = store.dump();
+        assert_eq!(
+            dump["services"]["default/reviews"]["hostname"],
+            "reviews.default.svc.cluster.local"
+        );
+        let errs = store.apply_resources(
+            zmesh_proto::L7_SERVICE_TYPE_URL,
+            &[],
+            &["default/reviews".into()],
+        );
+        assert!(errs.is_empty());
+        assert!(store.load().services.is_empty());
+        let errs = store.apply_resources("type.googleapis.com/x", &[r("a", vec![])], &[]);
+        assert_eq!(errs[0].name, "a");
     }
 }

@@ -65,7 +65,9 @@ pub struct AdsOptions {
     /// Cache changes within this window are pushed as one delta.
     pub debounce: Duration,
     /// Type URLs served (others are ignored with a warning). Types present in the cache are
-    /// always served too.
+    /// always served too. The default serves ztunnel's Address and Authorization and the
+    /// waypoint's L7 types, so a subscriber to a type that has no resources yet still gets its
+    /// (empty) first response and can finish its initial sync.
     pub types: Vec<String>,
 }
 
@@ -76,6 +78,8 @@ impl Default for AdsOptions {
             types: vec![
                 zmesh_proto::ADDRESS_TYPE_URL.to_string(),
                 zmesh_proto::AUTHORIZATION_TYPE_URL.to_string(),
+                zmesh_proto::L7_SERVICE_TYPE_URL.to_string(),
+                zmesh_proto::L7_AUTHZ_TYPE_URL.to_string(),
             ],
         }
     }
