@@ -113,20 +113,33 @@ pub(crate) fn resolve_waypoint(
             let svc = state
                 .service_by_host(&format!("{namespace}/{hostname}"))
                 .or_else(|| state.service_by_host(hostname))?;
-            let port = svc
-                .ports
-                .first()
-                .map(|p| p.service_port)
-                .unwrap_or(gw.hbone_mtls_port);
-            let (w, _) = state.endpoints(&svc, port).into_iter().next()?;
-            let ip = *w.addresses.first()?;
-            Some((w, SocketAddr::new(ip, gw.hbone_mtls_port)))
+            waypoint_endpoint(state, &svc, gw.hbone_mtls_port)
         }
-        GatewayDestination::Address { ip, .. } => {
-            let w = state.workload_by_ip(*ip)?;
-            Some((w, SocketAddr::new(*ip, gw.hbone_mtls_port)))
-        }
+        // The controller names a waypoint by its Service VIP when it has one, else by the pod.
+        GatewayDestination::Address { ip, .. } => match state.service_by_vip(*ip) {
+            Some(svc) => waypoint_endpoint(state, &svc, gw.hbone_mtls_port),
+            None => {
+                let w = state.workload_by_ip(*ip)?;
+                Some((w, SocketAddr::new(*ip, gw.hbone_mtls_port)))
+            }
+        },
     }
+}
+
+/// A waypoint pod behind the waypoint's Service, and its HBONE address.
+fn waypoint_endpoint(
+    state: &zmesh_core::state::ProxyState,
+    svc: &Service,
+    hbone_port: u16,
+) -> Option<(Arc<Workload>, SocketAddr)> {
+    let port = svc
+        .ports
+        .first()
+        .map(|p| p.service_port)
+        .unwrap_or(hbone_port);
+    let (w, _) = state.endpoints(svc, port).into_iter().next()?;
+    let ip = *w.addresses.first()?;
+    Some((w, SocketAddr::new(ip, hbone_port)))
 }
 
 fn plan(
