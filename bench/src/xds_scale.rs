@@ -214,9 +214,12 @@ pub struct XdsArgs {
     /// controller's default, like Istio's PILOT_DEBOUNCE_AFTER, is 100.
     #[arg(long, default_value_t = 100)]
     debounce_ms: u64,
-    /// Give up waiting for the initial sync, or for one update, after this many seconds.
+    /// Give up waiting for the initial sync after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Give up waiting for one update after this many seconds (counted in `update_timeouts`).
+    #[arg(long, default_value_t = 30)]
+    update_timeout_secs: u64,
 }
 
 /// Internal: the controller child.
@@ -857,7 +860,7 @@ pub fn run(args: XdsArgs) -> Result<()> {
         let start = Instant::now();
         ctl.send(&format!("IP {idx} {ip}"))?;
         let mut got: HashMap<usize, Instant> = HashMap::new();
-        let until = start + Duration::from_secs(10);
+        let until = start + Duration::from_secs(args.update_timeout_secs);
         while got.len() < args.clients {
             match recv(&mut erx, until) {
                 Some(Event::Ip {
@@ -876,9 +879,10 @@ pub fn run(args: XdsArgs) -> Result<()> {
         if got.len() < args.clients {
             r.update_timeouts += 1;
             eprintln!(
-                "update {k}: only {} of {} clients got it within 10 s",
+                "update {k}: only {} of {} clients got it within {} s",
                 got.len(),
-                args.clients
+                args.clients,
+                args.update_timeout_secs
             );
         } else {
             let last = got.values().max().expect("non-empty");
