@@ -18,6 +18,10 @@ pub enum Path {
     Direct,
     /// SOCKS5 CONNECT through ztunnel A (then HBONE to ztunnel B, then TCP to the server).
     Hbone { socks: SocketAddr },
+    /// From a pod's own address, in the pod's netns (`l4-netns`): straight to the server when
+    /// the pods are not enrolled, captured by eBPF redirection into the node's ztunnel when
+    /// they are. The `src` given to [`connect`] is ignored.
+    Pod { src: IpAddr, captured: bool },
 }
 
 impl Path {
@@ -25,6 +29,10 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::Hbone { .. } => "hbone",
+            Path::Pod {
+                captured: false, ..
+            } => "direct (pod)",
+            Path::Pod { captured: true, .. } => "mesh (pod)",
         }
     }
 }
@@ -72,6 +80,7 @@ fn bind_address_no_port(s: &Socket) -> io::Result<()> {
 pub fn connect(path: Path, src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     match path {
         Path::Direct => bound_connect(src, dst),
+        Path::Pod { src, .. } => bound_connect(src, dst),
         Path::Hbone { socks } => {
             let mut s = bound_connect(src, socks)?;
             let mut req = vec![5, 1, 0, 5, 1, 0];

@@ -106,7 +106,13 @@ fn own_profile() -> Result<(PathBuf, String)> {
 
 /// The ztunnel binary to run; built with the bench's own profile when run through cargo.
 fn ztunnel_binary(args: &L4Args) -> Result<PathBuf> {
-    if let Some(p) = &args.ztunnel {
+    ztunnel_binary_for(args.ztunnel.as_ref(), args.no_build)
+}
+
+/// `explicit`, else `target/<this profile>/ztunnel`, built first under `cargo run` unless
+/// `no_build`.
+pub fn ztunnel_binary_for(explicit: Option<&PathBuf>, no_build: bool) -> Result<PathBuf> {
+    if let Some(p) = explicit {
         if !p.is_file() {
             bail!("--ztunnel {}: no such file", p.display());
         }
@@ -114,9 +120,7 @@ fn ztunnel_binary(args: &L4Args) -> Result<PathBuf> {
     }
     let (dir, profile) = own_profile()?;
     let bin = dir.join("ztunnel");
-    if !args.no_build
-        && let Ok(cargo) = std::env::var("CARGO")
-    {
+    if !no_build && let Ok(cargo) = std::env::var("CARGO") {
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
         eprintln!("building ztunnel ({profile}) ...");
         let status = Command::new(cargo)

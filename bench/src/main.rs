@@ -4,11 +4,13 @@
 
 mod client;
 mod l4;
+mod l4_netns;
 mod mesh;
 mod phases;
 mod report;
 mod sink;
 mod sys;
+mod xds_scale;
 
 use std::net::IpAddr;
 use std::process::ExitCode;
@@ -27,6 +29,18 @@ enum Cmd {
     /// Direct loopback TCP vs HBONE through two ztunnel processes: throughput, fixed-rate
     /// latency, CPU per request, connection rate, RSS with 10k idle connections.
     L4Loopback(Box<l4::L4Args>),
+    /// The same pod pair on the netns cluster (2 nodes, eBPF redirection), out of the mesh vs
+    /// enrolled: throughput ratio, added p99, ztunnel CPU per request and RSS.
+    L4Netns(Box<l4_netns::NetnsArgs>),
+    /// The controller serving 10k pods, 1k services and 1k policies to 100 Delta ADS clients:
+    /// initial push time, update latency, controller and client RSS.
+    XdsScale(Box<xds_scale::XdsArgs>),
+    /// Internal: the controller of `xds-scale`, run as a child process.
+    #[command(hide = true)]
+    XdsController(xds_scale::ControllerChildArgs),
+    /// Internal: the real XdsClient of `xds-scale`, run as a child process.
+    #[command(hide = true)]
+    XdsClient(xds_scale::ClientChildArgs),
     /// Internal: the server workload (discard + echo listeners), run as a child process.
     #[command(hide = true)]
     Sink {
@@ -40,6 +54,10 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::L4Loopback(args) => l4::run(*args),
         Cmd::Sink { ip } => sink::run(ip),
+        Cmd::L4Netns(args) => l4_netns::run(*args),
+        Cmd::XdsScale(args) => xds_scale::run(*args),
+        Cmd::XdsController(args) => xds_scale::run_controller(args),
+        Cmd::XdsClient(args) => xds_scale::run_client(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,6 +25,14 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    pub fn new(name: &'static str, child: Child) -> Self {
+        ChildGuard {
+            name,
+            child,
+            _stdin: None,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -46,7 +54,7 @@ impl Drop for ChildGuard {
 }
 
 /// Spawn `cmd` so that it is killed if the bench dies without running destructors.
-fn spawn(mut cmd: Command, name: &'static str) -> Result<Child> {
+pub fn spawn(mut cmd: Command, name: &'static str) -> Result<Child> {
     // SAFETY: the closure runs between fork and exec and only calls prctl, which is
     // async-signal-safe. PDEATHSIG fires when the *spawning thread* exits: the bench spawns
     // from its main thread only.
@@ -91,10 +99,14 @@ pub struct Sink {
 /// Start the sink (this binary, `sink` subcommand) on the server address.
 pub fn start_sink() -> Result<Sink> {
     let exe = std::env::current_exe().context("locating the bench binary")?;
-    let mut cmd = Command::new(exe);
+    start_sink_with(Command::new(exe), SERVER_IP)
+}
+
+/// Start the sink with `cmd` (this binary, possibly set up to enter a netns) on `ip`.
+pub fn start_sink_with(mut cmd: Command, ip: IpAddr) -> Result<Sink> {
     cmd.arg("sink")
         .arg("--ip")
-        .arg(SERVER_IP.to_string())
+        .arg(ip.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -125,8 +137,8 @@ pub fn start_sink() -> Result<Sink> {
     }
     Ok(Sink {
         proc,
-        discard: SocketAddr::new(SERVER_IP, ports[0]),
-        echo: SocketAddr::new(SERVER_IP, ports[1]),
+        discard: SocketAddr::new(ip, ports[0]),
+        echo: SocketAddr::new(ip, ports[1]),
     })
 }
 

@@ -702,6 +702,11 @@ impl Cluster {
         Ok(Proc { child, log })
     }
 
+    /// PID of node `i`'s ztunnel while it runs (benchmarks read its CPU and RSS in /proc).
+    pub fn ztunnel_pid(&self, i: usize) -> Option<u32> {
+        self.ztunnels.get(i)?.as_ref().map(|p| p.child.id())
+    }
+
     /// Kill node `i`'s ztunnel (SIGKILL: no cleanup, like a crash).
     pub fn kill_ztunnel(&mut self, i: usize) {
         if let Some(mut p) = self.ztunnels[i].take() {
