@@ -208,3 +208,29 @@ async fn unknown_source_is_refused() {
         "a source that is not a local workload is not proxied"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_released() {
+    let mesh = Mesh::start_with("", |c| c.h2.idle_timeout = Duration::from_millis(300)).await;
+    let socks = mesh.a.addrs.socks5.unwrap();
+    let mut s = socks_connect(socks, ip(CLIENT_IP), mesh.echo)
+        .await
+        .unwrap();
+    roundtrip(&mut s, b"one").await.unwrap();
+    // In use: the pooled connection stays however long it takes.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(mesh.a.pool().connections(), 1);
+    roundtrip(&mut s, b"still pooled").await.unwrap();
+    drop(s);
+    // Idle past the timeout: released.
+    eventually("idle HBONE connection released", || {
+        mesh.a.pool().connections() == 0
+    })
+    .await;
+    // A new connection opens a fresh one.
+    let mut s = socks_connect(socks, ip(CLIENT_IP), mesh.echo)
+        .await
+        .unwrap();
+    roundtrip(&mut s, b"two").await.unwrap();
+    assert_eq!(mesh.a.pool().opened_total(), 2);
+}
