@@ -187,17 +187,10 @@ pub fn run(args: L4Args) -> Result<()> {
         }
     }
     let zt_bin = ztunnel_binary(&args)?;
-    let (commit, dirty) = sys::git_commit().unzip();
     let mut r = L4Report {
         meta: Meta {
             benchmark: "l4-loopback",
-            timestamp_utc: sys::utc_now_rfc3339(),
-            git_commit: commit,
-            git_dirty: dirty,
-            kernel: sys::kernel(),
-            cpu_model: sys::cpu_model(),
-            cores: sys::cores(),
-            load_average_start: sys::load_average(),
+            machine: sys::Machine::capture(),
             fd_limit,
             ztunnel_binary: zt_bin.display().to_string(),
             ztunnel_log_level: args.ztunnel_log.clone(),
@@ -255,14 +248,15 @@ pub fn run(args: L4Args) -> Result<()> {
             mesh.b.log.display()
         )));
     }
-    r.meta.load_average_end = sys::load_average();
+    r.meta.machine.load_average_end = sys::load_average();
     // CPU the rest of the machine (other users' builds...) used while we measured: a noisy
     // neighbour explains outliers better than any statistic.
     if let (Some(b0), Some(b1)) = (busy_start, sys::machine_busy_seconds()) {
         let ours = ours_cpu(&mesh, &sink) - ours_start;
         let wall = started.elapsed().as_secs_f64();
-        r.meta.other_processes_cpu_pct =
-            Some(((b1 - b0 - ours) / (wall * r.meta.cores as f64) * 100.0).clamp(0.0, 100.0));
+        r.meta.machine.other_processes_cpu_pct = Some(
+            ((b1 - b0 - ours) / (wall * r.meta.machine.cores as f64) * 100.0).clamp(0.0, 100.0),
+        );
     }
     r.meta.total_secs = started.elapsed().as_secs_f64();
     drop(mesh);

@@ -102,15 +102,8 @@ pub struct NetnsReport {
 #[derive(Debug, Default, Serialize)]
 pub struct NetnsMeta {
     pub benchmark: &'static str,
-    pub timestamp_utc: String,
-    pub git_commit: Option<String>,
-    pub git_dirty: Option<bool>,
-    pub kernel: Option<String>,
-    pub cpu_model: Option<String>,
-    pub cores: usize,
-    pub load_average_start: Option<String>,
-    pub load_average_end: Option<String>,
-    pub other_processes_cpu_pct: Option<f64>,
+    #[serde(flatten)]
+    pub machine: sys::Machine,
     pub bench_profile: &'static str,
     pub ztunnel_binary: String,
     pub client_ip: String,
@@ -230,17 +223,10 @@ pub fn run(args: NetnsArgs) -> Result<()> {
     }
     // The harness runs `target/<profile>/ztunnel` next to this binary: build it first.
     let zt_bin = crate::l4::ztunnel_binary_for(None, args.no_build)?;
-    let (commit, dirty) = sys::git_commit().unzip();
     let mut r = NetnsReport {
         meta: NetnsMeta {
             benchmark: "l4-netns",
-            timestamp_utc: sys::utc_now_rfc3339(),
-            git_commit: commit,
-            git_dirty: dirty,
-            kernel: sys::kernel(),
-            cpu_model: sys::cpu_model(),
-            cores: sys::cores(),
-            load_average_start: sys::load_average(),
+            machine: sys::Machine::capture(),
             bench_profile: if cfg!(debug_assertions) {
                 "debug"
             } else {
@@ -378,7 +364,7 @@ pub fn run(args: NetnsArgs) -> Result<()> {
         r.rss_mb = Some(round(a.max(*b), 1));
     }
 
-    r.meta.load_average_end = sys::load_average();
+    r.meta.machine.load_average_end = sys::load_average();
     let wall = started.elapsed().as_secs_f64();
     if let (Some(b0), Some(b1)) = (busy0, sys::machine_busy_seconds()) {
         let ours1 = sys::self_cpu_seconds()
@@ -388,7 +374,7 @@ pub fn run(args: NetnsArgs) -> Result<()> {
             + sys::cpu_seconds(sink.proc.pid()).unwrap_or(0.0);
         let window = started.elapsed().as_secs_f64();
         let other = (b1 - b0 - (ours1 - ours0)).max(0.0);
-        r.meta.other_processes_cpu_pct =
+        r.meta.machine.other_processes_cpu_pct =
             Some(round(100.0 * other / (window * sys::cores() as f64), 0));
     }
     r.meta.total_secs = round(wall, 1);
@@ -493,13 +479,8 @@ impl NetnsReport {
             f(self.rss_mb_start_node1, 1),
         ));
         s.push_str(&format!(
-            "\n{} cores ({}), kernel {}, load {} -> {}, other processes {}% CPU, enroll {} s, {} s total\n",
-            m.cores,
-            m.cpu_model.as_deref().unwrap_or("?"),
-            m.kernel.as_deref().unwrap_or("?"),
-            m.load_average_start.as_deref().unwrap_or("?"),
-            m.load_average_end.as_deref().unwrap_or("?"),
-            f(m.other_processes_cpu_pct, 0),
+            "\n{}, enroll {} s, {} s total\n",
+            m.machine.summary(),
             f(self.enroll_secs, 2),
             m.total_secs
         ));

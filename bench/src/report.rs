@@ -96,21 +96,14 @@ pub struct L4Report {
 #[derive(Debug, Default, Serialize)]
 pub struct Meta {
     pub benchmark: &'static str,
-    pub timestamp_utc: String,
-    pub git_commit: Option<String>,
-    pub git_dirty: Option<bool>,
-    pub kernel: Option<String>,
-    pub cpu_model: Option<String>,
-    pub cores: usize,
-    pub load_average_start: Option<String>,
-    pub load_average_end: Option<String>,
+    #[serde(flatten)]
+    pub machine: crate::sys::Machine,
     pub fd_limit: Option<u64>,
     pub ztunnel_binary: String,
     pub ztunnel_log_level: String,
     pub ztunnel_env: Vec<String>,
     /// CPU used by processes other than the bench, its ztunnels and sink during the run, as a
     /// share of the machine: above a few percent, expect noisy numbers.
-    pub other_processes_cpu_pct: Option<f64>,
     pub bench_profile: &'static str,
     pub throughput_secs: f64,
     pub streams: usize,
@@ -268,18 +261,14 @@ impl L4Report {
             "",
         );
         out.push_str(&format!(
-            "\n{} cores ({}), kernel {}, load {} -> {}, other processes {}% CPU, commit {}{}, {:.0} s total\n",
-            m.cores,
-            m.cpu_model.as_deref().unwrap_or("?"),
-            m.kernel.as_deref().unwrap_or("?"),
-            m.load_average_start.as_deref().unwrap_or("?"),
-            m.load_average_end.as_deref().unwrap_or("?"),
-            f(m.other_processes_cpu_pct, 0),
-            m.git_commit
+            "\n{}, commit {}{}, {:.0} s total\n",
+            m.machine.summary(),
+            m.machine
+                .git_commit
                 .as_deref()
                 .map(|c| &c[..c.len().min(10)])
                 .unwrap_or("?"),
-            if m.git_dirty == Some(true) {
+            if m.machine.git_dirty == Some(true) {
                 " (dirty)"
             } else {
                 ""

@@ -180,3 +180,50 @@ pub fn utc_now_rfc3339() -> String {
         sod % 60
     )
 }
+
+/// Where and when a benchmark ran; flattened into every report's `meta`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Machine {
+    pub timestamp_utc: String,
+    pub git_commit: Option<String>,
+    pub git_dirty: Option<bool>,
+    pub kernel: Option<String>,
+    pub cpu_model: Option<String>,
+    pub cores: usize,
+    pub load_average_start: Option<String>,
+    pub load_average_end: Option<String>,
+    /// CPU used by processes outside the benchmark while it ran (noise on a shared machine).
+    pub other_processes_cpu_pct: Option<f64>,
+}
+
+impl Machine {
+    /// Read the machine and the checkout at the start of a run.
+    pub fn capture() -> Self {
+        let (git_commit, git_dirty) = git_commit().unzip();
+        Machine {
+            timestamp_utc: utc_now_rfc3339(),
+            git_commit,
+            git_dirty,
+            kernel: kernel(),
+            cpu_model: cpu_model(),
+            cores: cores(),
+            load_average_start: load_average(),
+            ..Machine::default()
+        }
+    }
+
+    /// One line for the end of a report's table.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} cores ({}), kernel {}, load {} -> {}, other processes {}% CPU",
+            self.cores,
+            self.cpu_model.as_deref().unwrap_or("?"),
+            self.kernel.as_deref().unwrap_or("?"),
+            self.load_average_start.as_deref().unwrap_or("?"),
+            self.load_average_end.as_deref().unwrap_or("?"),
+            self.other_processes_cpu_pct
+                .map(|x| format!("{x:.0}"))
+                .unwrap_or_else(|| "-".into()),
+        )
+    }
+}

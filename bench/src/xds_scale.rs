@@ -286,15 +286,8 @@ pub struct XdsReport {
 #[derive(Debug, Default, Serialize)]
 pub struct XdsMeta {
     pub benchmark: &'static str,
-    pub timestamp_utc: String,
-    pub git_commit: Option<String>,
-    pub git_dirty: Option<bool>,
-    pub kernel: Option<String>,
-    pub cpu_model: Option<String>,
-    pub cores: usize,
-    pub load_average_start: Option<String>,
-    pub load_average_end: Option<String>,
-    pub other_processes_cpu_pct: Option<f64>,
+    #[serde(flatten)]
+    pub machine: sys::Machine,
     pub bench_profile: &'static str,
     pub pods: usize,
     pub services: usize,
@@ -673,18 +666,11 @@ pub fn run(args: XdsArgs) -> Result<()> {
         bail!("--clients must be at least 1 (the real client)");
     }
     sys::raise_fd_limit().ok();
-    let (commit, dirty) = sys::git_commit().unzip();
     let t = &args.topo;
     let mut r = XdsReport {
         meta: XdsMeta {
             benchmark: "xds-scale",
-            timestamp_utc: sys::utc_now_rfc3339(),
-            git_commit: commit,
-            git_dirty: dirty,
-            kernel: sys::kernel(),
-            cpu_model: sys::cpu_model(),
-            cores: sys::cores(),
-            load_average_start: sys::load_average(),
+            machine: sys::Machine::capture(),
             bench_profile: if cfg!(debug_assertions) {
                 "debug"
             } else {
@@ -929,7 +915,7 @@ pub fn run(args: XdsArgs) -> Result<()> {
     ] {
         *v = v.map(|x| round(x, 1));
     }
-    r.meta.load_average_end = sys::load_average();
+    r.meta.machine.load_average_end = sys::load_average();
     let wall = started.elapsed().as_secs_f64();
     if let (Some(b0), Some(b1)) = (busy_start, sys::machine_busy_seconds()) {
         // Our share: the bench process (raw clients) and both children.
@@ -937,7 +923,7 @@ pub fn run(args: XdsArgs) -> Result<()> {
             + sys::cpu_seconds(ctl_pid).unwrap_or(0.0)
             + sys::cpu_seconds(real.proc.pid()).unwrap_or(0.0);
         let other = (b1 - b0 - ours).max(0.0);
-        r.meta.other_processes_cpu_pct =
+        r.meta.machine.other_processes_cpu_pct =
             Some(round(100.0 * other / (wall * sys::cores() as f64), 0));
     }
     r.meta.total_secs = round(wall, 1);
@@ -1055,12 +1041,8 @@ impl XdsReport {
             None,
         );
         s.push_str(&format!(
-            "\n{} cores ({}), load {} -> {}, other processes {}% CPU, {} updates ({} timed out), {} s total\n",
-            m.cores,
-            m.cpu_model.as_deref().unwrap_or("?"),
-            m.load_average_start.as_deref().unwrap_or("?"),
-            m.load_average_end.as_deref().unwrap_or("?"),
-            f(m.other_processes_cpu_pct, 0),
+            "\n{}, {} updates ({} timed out), {} s total\n",
+            m.machine.summary(),
             self.update_samples,
             self.update_timeouts,
             m.total_secs
