@@ -23,4 +23,5 @@ if [ -n "$ring_users" ]; then
   echo "$ring_users" >&2
   exit 1
 fi
-cargo test --workspace --locked
+# --no-fail-fast: one CI run reports every failing test binary, not only the first.
+cargo test --workspace --locked --no-fail-fast
