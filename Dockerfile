@@ -29,6 +29,7 @@ COPY controller controller
 COPY cli cli
 COPY tests tests
 COPY bench bench
+COPY kube-fake kube-fake
 # Kubernetes YAML embedded in binaries (the waypoint template in the controller, the install
 # manifests in the CLI).
 COPY manifests manifests
