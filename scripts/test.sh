@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"; CI runs exactly this through .ci/run).
-# Format and lint gates first, then every test of the workspace.
+# Manifest validation, format and lint gates first, then every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Kubernetes manifests and the Dockerfile, offline (seconds; before the long Rust steps).
+bash scripts/validate-manifests.sh
 # Lint gates need the rustfmt/clippy components (in rustup's default profile); say so clearly
 # rather than fail obscurely when a toolchain lacks them.
 if cargo fmt --version >/dev/null 2>&1; then
