@@ -37,8 +37,12 @@ pub enum CliError {
     #[error("{what}: {reason}")]
     Request { what: String, reason: String },
 
-    #[error("timed out after {secs}s waiting for {what}")]
-    Timeout { what: String, secs: u64 },
+    #[error("timed out after {secs}s waiting for {what}; last state: {last}")]
+    Timeout {
+        what: String,
+        secs: u64,
+        last: String,
+    },
 
     #[error("{0}")]
     Manifest(String),

@@ -220,8 +220,9 @@ pub async fn wait_until(
                 if Instant::now() >= deadline {
                     progress.abandon();
                     return Err(CliError::Timeout {
-                        what: format!("{what} ({state})"),
+                        what: what.to_string(),
                         secs: timeout.as_secs(),
+                        last: state,
                     });
                 }
             }

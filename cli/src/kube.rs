@@ -249,9 +249,14 @@ pub fn api_error(server: &str, op: &Op, e: kube::Error) -> CliError {
                 status.message.clone()
             };
             match status.code {
+                // The API server's message repeats the object before "is forbidden:"; keep
+                // the part naming the user, verb, resource and scope.
                 403 => CliError::Forbidden {
                     what: op.describe(),
-                    message,
+                    message: match message.split_once(" is forbidden: ") {
+                        Some((_, why)) => why.to_string(),
+                        None => message,
+                    },
                 },
                 404 => {
                     // A namespaced request into a missing namespace is answered with a 404
@@ -401,7 +406,13 @@ impl Kube {
     ) -> Result<Option<DynamicObject>, CliError> {
         let api = self.dynamic(&kind.api_resource(), namespace);
         let op = Op::new("get", kind.resource_name(), namespace, Some(name));
-        found(api.get(name).await.map_err(|e| self.error(&op, e)))
+        match found(api.get(name).await.map_err(|e| self.error(&op, e))) {
+            // Looking up a namespace that does not exist is not an error here.
+            Err(CliError::NamespaceNotFound(n)) if kind.plural == "namespaces" && n == name => {
+                Ok(None)
+            }
+            other => other,
+        }
     }
 
     /// LIST objects (namespace `None` = all namespaces or cluster-scoped).
