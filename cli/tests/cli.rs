@@ -86,6 +86,36 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Run `zmesh ARGS` while playing the part of a cluster controller: `play` is called until
+    /// it reports that it did its job (e.g. wrote a status the command waits for).
+    async fn zmesh_with(
+        &self,
+        args: &[&str],
+        what: &str,
+        play: impl Fn(&FakeApiServer) -> bool,
+    ) -> Output {
+        let child = command(&self.dir.0, Some(&self.kubeconfig), args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start zmesh");
+        let mut done = false;
+        for _ in 0..200 {
+            if play(&self.api) {
+                done = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(done, "{what}");
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("zmesh finished within 60 s")
+            .expect("zmesh ran")
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -258,32 +288,14 @@ fn mark_ready(api: &FakeApiServer) -> bool {
 #[tokio::test]
 async fn install_applies_crds_first_then_the_rest_in_order_and_waits() {
     let e = env().await;
-    let child = command(
-        &e.dir.0,
-        Some(&e.kubeconfig),
-        &["install", "--timeout", "60s"],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("start zmesh install");
     // The install waits for the workloads; play the part of their controllers once they exist.
-    let mut marked = false;
-    for _ in 0..200 {
-        if mark_ready(&e.api) {
-            marked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        marked,
-        "the controller Deployment and ztunnel DaemonSet were applied"
-    );
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("install finished")
-        .expect("install ran");
+    let out = e
+        .zmesh_with(
+            &["install", "--timeout", "60s"],
+            "the controller Deployment and ztunnel DaemonSet were applied",
+            mark_ready,
+        )
+        .await;
     assert_ok(&out);
     assert!(
         stdout(&out).contains("Installation complete"),
@@ -466,48 +478,23 @@ async fn waypoint_apply_creates_the_gateway_and_labels_the_namespace() {
 async fn waypoint_apply_wait_returns_once_programmed() {
     let e = env().await;
     e.namespace("shop", json!({}));
-    let child = command(
-        &e.dir.0,
-        Some(&e.kubeconfig),
-        &[
-            "waypoint",
-            "apply",
-            "-n",
-            "shop",
-            "--name",
-            "wp",
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("start zmesh");
     // Play the controller: write the Programmed condition once the Gateway exists.
-    let mut programmed = false;
-    for _ in 0..200 {
-        if let Some(mut gw) = e.api.get(
-            "gateway.networking.k8s.io/v1",
-            "Gateway",
-            Some("shop"),
-            "wp",
-        ) {
-            gw["status"] = json!({"conditions": [
-                {"type": "Accepted", "status": "True", "reason": "Accepted", "message": ""},
-                {"type": "Programmed", "status": "True", "reason": "Programmed", "message": ""}]});
-            e.api.replace(gw);
-            programmed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(programmed);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("finished")
-        .expect("ran");
+    let out = e
+        .zmesh_with(
+            &["waypoint", "apply", "-n", "shop", "--name", "wp", "--wait", "--timeout", "60s"],
+            "the Gateway was applied",
+            |api| {
+                let Some(mut gw) = api.get("gateway.networking.k8s.io/v1", "Gateway", Some("shop"), "wp") else {
+                    return false;
+                };
+                gw["status"] = json!({"conditions": [
+                    {"type": "Accepted", "status": "True", "reason": "Accepted", "message": ""},
+                    {"type": "Programmed", "status": "True", "reason": "Programmed", "message": ""}]});
+                api.replace(gw);
+                true
+            },
+        )
+        .await;
     assert_ok(&out);
     assert!(
         stdout(&out).contains("waypoint shop/wp programmed"),
