@@ -61,6 +61,7 @@ pub fn builtin() -> Vec<Kind> {
         Kind::builtin("", &["v1"], "Secret", "secrets", true),
         Kind::builtin("", &["v1"], "Event", "events", true),
         Kind::builtin("", &["v1"], "Endpoints", "endpoints", true),
+        Kind::builtin("", &["v1"], "ResourceQuota", "resourcequotas", true),
         Kind::builtin("apps", &["v1"], "Deployment", "deployments", true),
         Kind::builtin("apps", &["v1"], "DaemonSet", "daemonsets", true),
         Kind::builtin("apps", &["v1"], "ReplicaSet", "replicasets", true),
