@@ -772,6 +772,12 @@ impl State {
                 let Some(name) = o.metadata.name.clone() else {
                     continue;
                 };
+                // Checked here too: deleting someone else's object is the one mistake this
+                // must never make, whatever the server did with the selector.
+                let v = serde_json::to_value(&o).unwrap_or(Value::Null);
+                if owner_key(&v).as_ref() != Some(key) {
+                    continue;
+                }
                 let params = DeleteParams {
                     propagation_policy: Some(PropagationPolicy::Background),
                     // Never delete a same-named object created after our list.
