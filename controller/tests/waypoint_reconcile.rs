@@ -18,8 +18,7 @@ fn settings() -> WaypointSettings {
     WaypointSettings {
         image: "ghcr.io/zmesh/waypoint:test".into(),
         xds_address: "https://zmesh-controller.zmesh-system.svc:15012".into(),
-        control_plane_identity: "spiffe://cluster.local/ns/zmesh-system/sa/zmesh-controller"
-            .into(),
+        control_plane_identity: "spiffe://cluster.local/ns/zmesh-system/sa/zmesh-controller".into(),
         trust_domain: "cluster.local".into(),
         cluster_id: "Kubernetes".into(),
         ca_root_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
@@ -33,8 +32,16 @@ fn gateway(ns: &str, name: &str, class: &str) -> Value {
                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
 }
 
+fn namespaces(api: &FakeApiServer, names: &[&str]) {
+    for n in names {
+        api.insert(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}));
+    }
+}
+
 /// Start the reconciler against `api` with test timing; cancelled on drop of the token.
 async fn start(api: &FakeApiServer) -> CancellationToken {
+    // Logs (RUST_LOG=debug) help when a wait times out; only the first test's init succeeds.
+    let _ = zmesh_core::telemetry::init_logging("info", false).map(std::mem::forget);
     let client = kube::Client::try_from(api.kube_config()).expect("client for the fake API");
     let timing = Timing {
         backoff_initial: Duration::from_millis(50),
@@ -43,12 +50,9 @@ async fn start(api: &FakeApiServer) -> CancellationToken {
         request_timeout: Duration::from_secs(5),
         absent_retry: Duration::from_secs(1),
     };
-    let reconciler = WaypointReconciler::new(
-        client,
-        Template::embedded().expect("template"),
-        settings(),
-    )
-    .with_timing(timing);
+    let reconciler =
+        WaypointReconciler::new(client, Template::embedded().expect("template"), settings())
+            .with_timing(timing);
     let cancel = CancellationToken::new();
     tokio::spawn(reconciler.run(cancel.clone()));
     cancel
@@ -98,6 +102,7 @@ fn none_left(api: &FakeApiServer, ns: &str, name: &str) -> bool {
 #[tokio::test]
 async fn waypoint_gateway_lifecycle() {
     let api = FakeApiServer::start().await;
+    namespaces(&api, &["shop", "team"]);
     api.insert(gateway("shop", "waypoint", "istio-waypoint"));
     api.insert(gateway("shop", "ingress", "istio"));
     let cancel = start(&api).await;
@@ -141,7 +146,11 @@ async fn waypoint_gateway_lifecycle() {
             r.content_type.as_deref(),
             Some("application/apply-patch+yaml")
         );
-        assert!(r.query.contains("fieldManager=zmesh-controller"), "{}", r.query);
+        assert!(
+            r.query.contains("fieldManager=zmesh-controller"),
+            "{}",
+            r.query
+        );
         assert!(r.query.contains("force=true"), "{}", r.query);
     }
 
@@ -171,7 +180,9 @@ async fn waypoint_gateway_lifecycle() {
     assert_eq!(condition(&gw, "Programmed").unwrap()["reason"], "Pending");
 
     // ... and the Deployment controller's.
-    let mut dep = api.get("apps/v1", "Deployment", Some("shop"), "waypoint").unwrap();
+    let mut dep = api
+        .get("apps/v1", "Deployment", Some("shop"), "waypoint")
+        .unwrap();
     dep["status"] = json!({"replicas": 1, "readyReplicas": 1, "availableReplicas": 1});
     api.replace(dep);
     let gw = wait_for("Programmed=True", || {
@@ -185,8 +196,15 @@ async fn waypoint_gateway_lifecycle() {
         assert_eq!(&programmed["observedGeneration"], g);
     }
 
+    // Settled: our own writes (applies, status) do not trigger further writes.
+    let writes = api.writes().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api.writes().len(), writes, "writes continue after settling");
+
     // Drift: someone edits the Deployment; the controller puts it back.
-    let mut dep = api.get("apps/v1", "Deployment", Some("shop"), "waypoint").unwrap();
+    let mut dep = api
+        .get("apps/v1", "Deployment", Some("shop"), "waypoint")
+        .unwrap();
     dep["spec"]["template"]["spec"]["containers"][0]["image"] = json!("attacker/image");
     api.replace(dep);
     wait_for("the image restored", || {
@@ -222,11 +240,24 @@ fn labelled(api_version: &str, kind: &str, ns: &str, name: &str, labels: Value) 
 #[tokio::test]
 async fn objects_of_a_gateway_deleted_while_down_are_removed_at_start() {
     let api = FakeApiServer::start().await;
+    namespaces(&api, &["shop", "team"]);
     let ours = json!({"app.kubernetes.io/managed-by": "zmesh-controller",
                       "gateway.networking.k8s.io/gateway-name": "gone"});
-    api.insert(labelled("apps/v1", "Deployment", "shop", "gone", ours.clone()));
+    api.insert(labelled(
+        "apps/v1",
+        "Deployment",
+        "shop",
+        "gone",
+        ours.clone(),
+    ));
     api.insert(labelled("v1", "Service", "shop", "gone", ours.clone()));
-    api.insert(labelled("v1", "ServiceAccount", "shop", "gone", ours.clone()));
+    api.insert(labelled(
+        "v1",
+        "ServiceAccount",
+        "shop",
+        "gone",
+        ours.clone(),
+    ));
     api.insert(labelled("v1", "ConfigMap", "shop", "gone-ca-root", ours));
     // Not ours: another implementation's gateway, and a plain app.
     api.insert(labelled(
@@ -236,7 +267,13 @@ async fn objects_of_a_gateway_deleted_while_down_are_removed_at_start() {
         "other",
         json!({"gateway.networking.k8s.io/gateway-name": "other"}),
     ));
-    api.insert(labelled("apps/v1", "Deployment", "shop", "app", json!({"app": "x"})));
+    api.insert(labelled(
+        "apps/v1",
+        "Deployment",
+        "shop",
+        "app",
+        json!({"app": "x"}),
+    ));
     // A live waypoint in the same namespace keeps its objects.
     api.insert(gateway("shop", "live", "istio-waypoint"));
     let cancel = start(&api).await;
@@ -245,15 +282,25 @@ async fn objects_of_a_gateway_deleted_while_down_are_removed_at_start() {
         none_left(&api, "shop", "gone").then_some(())
     })
     .await;
-    wait_for("the live waypoint's objects", || owned(&api, "shop", "live")).await;
-    assert!(api.get("apps/v1", "Deployment", Some("shop"), "other").is_some());
-    assert!(api.get("apps/v1", "Deployment", Some("shop"), "app").is_some());
+    wait_for("the live waypoint's objects", || {
+        owned(&api, "shop", "live")
+    })
+    .await;
+    assert!(
+        api.get("apps/v1", "Deployment", Some("shop"), "other")
+            .is_some()
+    );
+    assert!(
+        api.get("apps/v1", "Deployment", Some("shop"), "app")
+            .is_some()
+    );
     cancel.cancel();
 }
 
 #[tokio::test]
 async fn forbidden_apply_is_retried_and_does_not_block_others() {
     let api = FakeApiServer::start().await;
+    namespaces(&api, &["shop", "team"]);
     api.fail("PATCH", "/apis/apps/v1/namespaces/shop/deployments", 403);
     api.insert(gateway("shop", "waypoint", "istio-waypoint"));
     api.insert(gateway("team", "waypoint", "istio-waypoint"));
@@ -283,12 +330,32 @@ async fn forbidden_apply_is_retried_and_does_not_block_others() {
         message.contains("Deployment shop/waypoint"),
         "message: {message}"
     );
-    assert!(api.get("apps/v1", "Deployment", Some("shop"), "waypoint").is_none());
+    assert!(
+        api.get("apps/v1", "Deployment", Some("shop"), "waypoint")
+            .is_none()
+    );
 
     // RBAC fixed: the next retry succeeds.
     api.clear_failures();
     wait_for("shop's waypoint after the fix", || {
         owned(&api, "shop", "waypoint")
+    })
+    .await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn a_gateway_that_stops_being_a_waypoint_loses_its_objects() {
+    let api = FakeApiServer::start().await;
+    namespaces(&api, &["shop"]);
+    api.insert(gateway("shop", "waypoint", "istio-waypoint"));
+    let cancel = start(&api).await;
+    wait_for("the waypoint's objects", || owned(&api, "shop", "waypoint")).await;
+    let mut gw = api.get(GW, "Gateway", Some("shop"), "waypoint").unwrap();
+    gw["spec"]["gatewayClassName"] = json!("istio");
+    api.replace(gw);
+    wait_for("the objects deleted", || {
+        none_left(&api, "shop", "waypoint").then_some(())
     })
     .await;
     cancel.cancel();

@@ -108,7 +108,7 @@ impl std::fmt::Display for GatewayKey {
 /// Why one Gateway could not be reconciled (it is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("{action} {kind} {namespace}/{name}: {source}")]
+    #[error("{action} {kind} {namespace}/{name}: {}", api_message(source))]
     Api {
         action: &'static str,
         kind: &'static str,
@@ -123,6 +123,15 @@ pub enum ReconcileError {
     NoUid(GatewayKey),
     #[error("gave up after {0:?} (API server slow or unreachable)")]
     Timeout(Duration),
+}
+
+/// An API error as one line: `403 Forbidden: <the API server's message>` (kube's own
+/// rendering repeats the whole Status object).
+fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
+        other => other.to_string(),
+    }
 }
 
 /// Reconciles waypoint Gateways into Deployments, Services and ServiceAccounts.
