@@ -360,3 +360,42 @@ async fn a_gateway_that_stops_being_a_waypoint_loses_its_objects() {
     .await;
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn a_same_named_object_of_someone_else_is_not_overwritten() {
+    let api = FakeApiServer::start().await;
+    namespaces(&api, &["shop"]);
+    api.insert(labelled(
+        "apps/v1",
+        "Deployment",
+        "shop",
+        "waypoint",
+        json!({"app": "users-own"}),
+    ));
+    api.insert(gateway("shop", "waypoint", "istio-waypoint"));
+    let cancel = start(&api).await;
+    let gw = wait_for("the refusal in the status", || {
+        let gw = api.get(GW, "Gateway", Some("shop"), "waypoint")?;
+        condition(&gw, "Programmed").map(|_| gw)
+    })
+    .await;
+    let message = condition(&gw, "Programmed").unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .contains("Deployment shop/waypoint exists and was not made by zmesh-controller"),
+        "{message}"
+    );
+    let dep = api
+        .get("apps/v1", "Deployment", Some("shop"), "waypoint")
+        .unwrap();
+    assert_eq!(dep["metadata"]["labels"], json!({"app": "users-own"}));
+    assert!(
+        !api.writes()
+            .iter()
+            .any(|r| r.path.ends_with("/deployments/waypoint")),
+        "the user's Deployment was written to"
+    );
+    cancel.cancel();
+}

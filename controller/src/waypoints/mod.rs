@@ -16,6 +16,9 @@
 //!   does). It runs on every Gateway change, on every change of an owned Deployment/Service
 //!   made by someone else (our own writes are recognised by their resourceVersion and
 //!   ignored, so applies never feed back into themselves), at start, and on every resync.
+//! - An object of the same name that is not labelled as ours for this Gateway (a user's own
+//!   Deployment called `waypoint`, say) is never overwritten: the Gateway reports why in its
+//!   `Programmed` condition and is retried, so labelling or deleting the object resolves it.
 //! - Deletion: when a Gateway is deleted (or stops being of class `istio-waypoint`), its
 //!   objects are deleted explicitly, found by the two labels, with a uid precondition. The
 //!   garbage collector would do it too, but only if the owner reference was in place; and a
@@ -119,6 +122,15 @@ pub enum ReconcileError {
     },
     #[error(transparent)]
     Render(#[from] RenderError),
+    #[error(
+        "{kind} {namespace}/{name} exists and was not made by zmesh-controller for this Gateway; not overwriting it (delete it, or label it {MANAGED_BY_LABEL}={MANAGED_BY} and {GATEWAY_NAME_LABEL}={gateway} to hand it over)"
+    )]
+    NotOurs {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        gateway: String,
+    },
     #[error("Gateway {0} has no metadata.uid (owner references need it)")]
     NoUid(GatewayKey),
     #[error("gave up after {0:?} (API server slow or unreachable)")]
@@ -542,12 +554,10 @@ impl State {
                 Err(_) => Err(ReconcileError::Timeout(t)),
             };
             if let Err(e) = result {
-                warn!(error = %e, retry_in = ?self.timing.backoff_initial,
-                    "waypoints: looking for objects of deleted Gateways failed");
-                // why not exponential: a sweep is cheap and also retried at every resync.
-                self.sweep_due = Some(
-                    Instant::now() + self.timing.backoff_max.min(self.timing.backoff_initial * 4),
-                );
+                // why not exponential: a sweep is cheap and also runs at every resync.
+                let retry_in = self.timing.backoff_max.min(self.timing.backoff_initial * 4);
+                warn!(error = %e, ?retry_in, "waypoints: looking for objects of deleted Gateways failed");
+                self.sweep_due = Some(Instant::now() + retry_in);
             }
             return;
         }
@@ -658,6 +668,10 @@ impl State {
             };
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &key.namespace, &resource(k));
+            if let Err(e) = self.check_ours(&api, key, k.kind, &name).await {
+                failure = Some(e);
+                break;
+            }
             let params = PatchParams::apply(MANAGED_BY).force();
             match api.patch(&name, &params, &Patch::Apply(&doc)).await {
                 Ok(obj) => {
@@ -691,6 +705,44 @@ impl State {
             (Some(e), Ok(())) => Err(e),
             (None, r) => r,
         }
+    }
+
+    /// Refuse to take over an object of the same name that someone else made (as Istio
+    /// does): a forced apply would silently overwrite it. Objects we wrote in this run are
+    /// known to be ours, so this costs one read per object after a start.
+    async fn check_ours(
+        &self,
+        api: &Api<DynamicObject>,
+        key: &GatewayKey,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<(), ReconcileError> {
+        let known = (kind.to_string(), key.namespace.clone(), name.to_string());
+        if self.written.contains_key(&known) {
+            return Ok(());
+        }
+        let existing = api
+            .get_opt(name)
+            .await
+            .map_err(|source| ReconcileError::Api {
+                action: "reading",
+                kind,
+                namespace: key.namespace.clone(),
+                name: name.to_string(),
+                source,
+            })?;
+        let theirs = existing.is_some_and(|o| {
+            owner_key(&serde_json::to_value(o).unwrap_or(Value::Null)).as_ref() != Some(key)
+        });
+        if theirs {
+            return Err(ReconcileError::NotOurs {
+                kind,
+                namespace: key.namespace.clone(),
+                name: name.to_string(),
+                gateway: key.name.clone(),
+            });
+        }
+        Ok(())
     }
 
     async fn write_status(
