@@ -237,19 +237,17 @@ fn labelled(api_version: &str, kind: &str, ns: &str, name: &str, labels: Value) 
            "metadata": {"name": name, "namespace": ns, "labels": labels}})
 }
 
+fn deployment(ns: &str, name: &str, labels: Value) -> Value {
+    labelled("apps/v1", "Deployment", ns, name, labels)
+}
+
 #[tokio::test]
 async fn objects_of_a_gateway_deleted_while_down_are_removed_at_start() {
     let api = FakeApiServer::start().await;
     namespaces(&api, &["shop", "team"]);
     let ours = json!({"app.kubernetes.io/managed-by": "zmesh-controller",
                       "gateway.networking.k8s.io/gateway-name": "gone"});
-    api.insert(labelled(
-        "apps/v1",
-        "Deployment",
-        "shop",
-        "gone",
-        ours.clone(),
-    ));
+    api.insert(deployment("shop", "gone", ours.clone()));
     api.insert(labelled("v1", "Service", "shop", "gone", ours.clone()));
     api.insert(labelled(
         "v1",
@@ -260,20 +258,12 @@ async fn objects_of_a_gateway_deleted_while_down_are_removed_at_start() {
     ));
     api.insert(labelled("v1", "ConfigMap", "shop", "gone-ca-root", ours));
     // Not ours: another implementation's gateway, and a plain app.
-    api.insert(labelled(
-        "apps/v1",
-        "Deployment",
+    api.insert(deployment(
         "shop",
         "other",
         json!({"gateway.networking.k8s.io/gateway-name": "other"}),
     ));
-    api.insert(labelled(
-        "apps/v1",
-        "Deployment",
-        "shop",
-        "app",
-        json!({"app": "x"}),
-    ));
+    api.insert(deployment("shop", "app", json!({"app": "x"})));
     // A live waypoint in the same namespace keeps its objects.
     api.insert(gateway("shop", "live", "istio-waypoint"));
     let cancel = start(&api).await;
@@ -365,13 +355,7 @@ async fn a_gateway_that_stops_being_a_waypoint_loses_its_objects() {
 async fn a_same_named_object_of_someone_else_is_not_overwritten() {
     let api = FakeApiServer::start().await;
     namespaces(&api, &["shop"]);
-    api.insert(labelled(
-        "apps/v1",
-        "Deployment",
-        "shop",
-        "waypoint",
-        json!({"app": "users-own"}),
-    ));
+    api.insert(deployment("shop", "waypoint", json!({"app": "users-own"})));
     api.insert(gateway("shop", "waypoint", "istio-waypoint"));
     let cancel = start(&api).await;
     let gw = wait_for("the refusal in the status", || {
