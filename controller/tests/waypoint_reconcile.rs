@@ -3,7 +3,8 @@
 //! ConfigMap, Deployment and Service (owned by it), and a status; a Gateway of another class
 //! gets nothing; deleting the Gateway deletes them; objects of a Gateway deleted while the
 //! controller was down are removed at start; an API error (403) is retried until it clears,
-//! without holding up other Gateways.
+//! without holding up other Gateways; a same-named object of someone else is left alone; and
+//! the `zmesh-controller` binary in `--kubernetes` mode does all this with its flags' values.
 
 use std::time::Duration;
 
@@ -59,8 +60,12 @@ async fn start(api: &FakeApiServer) -> CancellationToken {
 }
 
 /// Poll `f` until it returns `Some`, for at most 10 s.
-async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+async fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_long(what, Duration::from_secs(10), f).await
+}
+
+async fn wait_long<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = f() {
             return v;
@@ -382,4 +387,71 @@ async fn a_same_named_object_of_someone_else_is_not_overwritten() {
         "the user's Deployment was written to"
     );
     cancel.cancel();
+}
+
+/// The `zmesh-controller` binary in `--kubernetes` mode wires the reconciler: image, xDS
+/// address, control-plane identity and CA root come from its flags and its CA Secret.
+#[tokio::test]
+async fn the_binary_reconciles_waypoints_in_kubernetes_mode() {
+    let api = FakeApiServer::start().await;
+    namespaces(&api, &["shop", "zmesh-system"]);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("waypoint-reconcile-bin");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "fake", None);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_zmesh-controller"))
+        .args([
+            "--kubernetes",
+            "--namespace",
+            "zmesh-system",
+            "--xds-plaintext-addr",
+            "off",
+            "--xds-tls-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "off",
+            "--waypoint-image",
+            "example.com/waypoint:9",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start zmesh-controller");
+    api.insert(gateway("shop", "waypoint", "istio-waypoint"));
+    let [_, cm, dep, _] = wait_long(
+        "the waypoint's objects from the binary",
+        Duration::from_secs(60),
+        || owned(&api, "shop", "waypoint"),
+    )
+    .await;
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "example.com/waypoint:9");
+    assert_eq!(
+        c["args"],
+        json!([
+            "--control-plane-identity",
+            "spiffe://cluster.local/ns/zmesh-system/sa/zmesh-controller"
+        ])
+    );
+    let xds = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "XDS_ADDRESS")
+        .unwrap();
+    assert_eq!(
+        xds["value"],
+        "https://zmesh-controller.zmesh-system.svc:15012"
+    );
+    // The root in the ConfigMap is the one the controller keeps in its Secret.
+    let secret = api
+        .get("v1", "Secret", Some("zmesh-system"), "zmesh-ca-root")
+        .expect("CA root Secret");
+    let pem = cm["data"]["root-cert.pem"].as_str().unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let stored: k8s_openapi::ByteString =
+        serde_json::from_value(secret["data"]["ca-cert.pem"].clone()).expect("base64 data");
+    assert_eq!(String::from_utf8_lossy(&stored.0), pem);
+    let _ = child.kill().await;
 }
