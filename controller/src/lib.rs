@@ -2,7 +2,8 @@
 //!
 //! Sources → [`store`] (raw Kubernetes objects) → [`translate`] (xDS resources) →
 //! [`xds`] (resource cache + Delta ADS server) → ztunnels and waypoints; [`ca`] signs workload
-//! certificates. [`controller`] wires it together, in-process (local use, tests, the demo) or
+//! certificates; [`waypoints`] turns waypoint Gateways into Deployments (Kubernetes mode).
+//! [`controller`] wires it together, in-process (local use, tests, the demo) or
 //! as the `zmesh-controller` binary (the Kubernetes Deployment).
 
 pub mod ca;
@@ -11,4 +12,5 @@ pub mod k8s;
 pub mod sources;
 pub mod store;
 pub mod translate;
+pub mod waypoints;
 pub mod xds;

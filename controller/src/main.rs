@@ -3,7 +3,8 @@
 //! - File mode (`--config-dir`): a directory of Kubernetes YAML, bootstrap tokens in
 //!   `<dir>/nodes/<node>.token`, CA root in `<dir>/ca/`.
 //! - Kubernetes mode (`--kubernetes`): watches the API server (in-cluster config or
-//!   KUBECONFIG), reviews service-account tokens with TokenReview, keeps the CA root in a Secret.
+//!   KUBECONFIG), reviews service-account tokens with TokenReview, keeps the CA root in a Secret,
+//!   and turns `istio-waypoint` Gateways into waypoint Deployments (`--waypoint-image`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use zmesh_controller::controller::{Controller, ControllerConfig};
 use zmesh_controller::sources::kube::KubeSource;
 use zmesh_controller::store::ObjectStore;
 use zmesh_controller::translate::TranslateOptions;
+use zmesh_controller::waypoints::{Template, WaypointReconciler, WaypointSettings};
 
 /// zmesh's xDS controller and CA.
 #[derive(Parser, Debug)]
@@ -75,6 +77,20 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
+    /// Kubernetes mode: image of the waypoint Deployments made for `istio-waypoint` Gateways.
+    #[arg(long, env = "WAYPOINT_IMAGE", default_value = concat!("ghcr.io/zmesh/waypoint:", env!("CARGO_PKG_VERSION")))]
+    waypoint_image: String,
+    /// Kubernetes mode: xDS + CA address waypoints connect to
+    /// (default https://zmesh-controller.<namespace>.svc:15012).
+    #[arg(long)]
+    waypoint_xds_address: Option<String>,
+    /// Kubernetes mode: waypoint template to use instead of the built-in
+    /// manifests/templates/waypoint.yaml (same placeholders).
+    #[arg(long)]
+    waypoint_template: Option<PathBuf>,
+    /// Kubernetes mode: do not create Deployments for waypoint Gateways.
+    #[arg(long)]
+    no_waypoint_reconcile: bool,
 }
 
 fn parse_addr(flag: &str, s: &str) -> Result<Option<SocketAddr>> {
@@ -133,7 +149,8 @@ async fn kubernetes_parts(
     let store = ObjectStore::new();
     let source = KubeSource::new(client.clone());
     let st = store.clone();
-    tokio::spawn(async move { source.run(st, stop).await });
+    let source_stop = stop.clone();
+    tokio::spawn(async move { source.run(st, source_stop).await });
     wait_for_initial_sync(&store).await;
     let root = load_or_create_root_secret(
         client.clone(),
@@ -150,6 +167,9 @@ async fn kubernetes_parts(
             .with_context(|| format!("--node-agent {a:?} is not NAMESPACE/NAME"))?;
         agents.push((ns.to_string(), sa.to_string()));
     }
+    if !args.no_waypoint_reconcile {
+        start_waypoint_reconciler(args, client.clone(), &root, stop.clone())?;
+    }
     let reviewer = KubeTokenReviewer::new(client, vec![args.token_audience.clone()]);
     cfg.authenticator = Some(Arc::new(KubeAuthenticator::new(
         reviewer,
@@ -159,6 +179,40 @@ async fn kubernetes_parts(
     cfg.root = Some(Arc::new(root));
     cfg.store = Some(store);
     cfg.file_source = false;
+    Ok(())
+}
+
+/// Kubernetes mode: turn `istio-waypoint` Gateways into waypoint Deployments.
+fn start_waypoint_reconciler(
+    args: &Args,
+    client: kube::Client,
+    root: &zmesh_core::ca::CertificateAuthority,
+    stop: CancellationToken,
+) -> Result<()> {
+    let template = match &args.waypoint_template {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --waypoint-template {}", path.display()))?;
+            Template::parse(&text)
+                .with_context(|| format!("--waypoint-template {}", path.display()))?
+        }
+        None => Template::embedded()?,
+    };
+    let identity = zmesh_controller::ca::controller_identity(root.trust_domain(), &args.namespace)?;
+    let settings = WaypointSettings {
+        image: args.waypoint_image.clone(),
+        xds_address: args
+            .waypoint_xds_address
+            .clone()
+            .unwrap_or_else(|| format!("https://zmesh-controller.{}.svc:15012", args.namespace)),
+        control_plane_identity: identity.to_string(),
+        trust_domain: root.trust_domain().to_string(),
+        cluster_id: args.cluster_id.clone(),
+        ca_root_pem: root.root_pem(),
+    };
+    tracing::info!(image = %settings.image, xds = %settings.xds_address, "reconciling waypoint Gateways");
+    let reconciler = WaypointReconciler::new(client, template, settings);
+    tokio::spawn(reconciler.run(stop));
     Ok(())
 }
 
