@@ -37,6 +37,16 @@ pub enum CliError {
     #[error("{what}: {reason}")]
     Request { what: String, reason: String },
 
+    /// The pod exists but its port could not be used over port-forward (refused inside the
+    /// pod, or the stream broke).
+    #[error("pod {namespace}/{pod}: port-forward to port {port}: {reason}")]
+    PortForward {
+        namespace: String,
+        pod: String,
+        port: u16,
+        reason: String,
+    },
+
     #[error("timed out after {secs}s waiting for {what}; last state: {last}")]
     Timeout {
         what: String,

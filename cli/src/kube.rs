@@ -469,20 +469,6 @@ impl Kube {
         .await
         .map_err(|e| self.error(&op, e))
     }
-
-    /// GET a path through the API server (e.g. a pod proxy subresource), as text.
-    pub async fn get_path(&self, path: &str, op: &Op) -> Result<String, CliError> {
-        let req = http::Request::get(path)
-            .body(Vec::new())
-            .map_err(|e| CliError::Request {
-                what: op.describe(),
-                reason: e.to_string(),
-            })?;
-        self.client
-            .request_text(req)
-            .await
-            .map_err(|e| self.error(op, e))
-    }
 }
 
 /// The status of condition `type_` in `obj.status.conditions` (`"True"`, `"False"`, `"Unknown"`).

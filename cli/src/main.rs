@@ -13,6 +13,7 @@ mod install;
 mod kube;
 mod manifests;
 mod output;
+mod portforward;
 mod status;
 mod waypoint;
 
@@ -87,10 +88,12 @@ enum Command {
     /// Show the controller, ztunnels per node, waypoints, enrolled namespaces and certificate expiry.
     #[command(after_help = "Examples:\n  zmesh status\n  zmesh status -o yaml")]
     Status,
-    /// Print a proxy's /config_dump, fetched through the API server's pod proxy.
+    /// Print a proxy's /config_dump (admin port 15000), fetched through port-forward.
     #[command(after_help = "Examples:\n  \
         zmesh config-dump ztunnel ztunnel-x7k2p\n  \
-        zmesh config-dump waypoint waypoint-5d9f8-abcde -n shop -o yaml")]
+        zmesh config-dump waypoint waypoint-5d9f8-abcde -n shop -o yaml\n\n\
+        The admin server listens on the pod's loopback only; the API server's port-forward\n\
+        reaches it, so your kubeconfig's user needs `create` on `pods/portforward`.")]
     ConfigDump(config_dump::ConfigDumpArgs),
     /// Pre-flight checks: kernel, BPF, API server, CRDs, conflicting meshes.
     #[command(after_help = "Example:\n  zmesh check            exit status 1 if any check FAILs")]

@@ -1,13 +1,17 @@
 //! `zmesh status`: is the mesh healthy? The controller Deployment's readiness, one ztunnel per
-//! node (with its workload certificates' next expiry, read from its `/config_dump` through
-//! the pod proxy subresource), the waypoints, and the enrolled namespaces with their pods.
+//! node (with its workload certificates' next expiry, read from its `/config_dump` on the
+//! loopback-only admin port through port-forward), the waypoints, and the enrolled namespaces
+//! with their pods.
 //!
 //! Object names come from the embedded manifests, so they cannot drift from what `install`
 //! created. Exit status 1 when the controller or a ztunnel is not ready.
 
+use std::sync::Arc;
+
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config_dump;
@@ -16,7 +20,11 @@ use crate::error::CliError;
 use crate::kube::{DEPLOYMENT, Kube, NAMESPACE, POD};
 use crate::manifests;
 use crate::output::{Format, Table, print, short_duration, structured};
+use crate::portforward;
 use crate::waypoint::{condition_status, waypoints};
+
+/// Port-forwards open at once while collecting the ztunnels' config dumps.
+const PARALLEL_DUMPS: usize = 16;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -143,11 +151,18 @@ pub async fn collect(kube: &Kube) -> Result<Report, CliError> {
         .collect();
     ztunnels.sort_by(|a, b| (&a.node, &a.pod).cmp(&(&b.node, &b.pod)));
 
-    // Config dumps in parallel: one slow node must not multiply the wait.
+    // Config dumps in parallel: one slow node must not multiply the wait. Bounded, because
+    // each is a WebSocket through the API server and a cluster may have hundreds of nodes.
+    let slots = Arc::new(Semaphore::new(PARALLEL_DUMPS));
     let mut dumps = JoinSet::new();
     for (i, z) in ztunnels.iter().enumerate() {
-        let (kube, ns, pod) = (kube.clone(), zt_ns.clone(), z.pod.clone());
-        dumps.spawn(async move { (i, config_dump::fetch(&kube, &ns, &pod).await) });
+        let (kube, ns, pod, slots) = (kube.clone(), zt_ns.clone(), z.pod.clone(), slots.clone());
+        dumps.spawn(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _slot = slots.acquire_owned().await;
+            let dump = config_dump::fetch(&kube, &ns, &pod, portforward::DEFAULT_TIMEOUT).await;
+            (i, dump)
+        });
     }
     let mut unreachable = Vec::new();
     while let Some(joined) = dumps.join_next().await {
@@ -164,8 +179,9 @@ pub async fn collect(kube: &Kube) -> Result<Report, CliError> {
     if !unreachable.is_empty() {
         unreachable.sort();
         notes.push(format!(
-            "certificate expiry unknown for {} ztunnel pod(s) (config_dump not reachable through the API server's pod proxy): {}",
+            "certificate expiry unknown for {} ztunnel pod(s) (config_dump not reachable through port-forward to admin port {}): {}",
             unreachable.len(),
+            config_dump::ADMIN_PORT,
             unreachable.join("; ")
         ));
     }

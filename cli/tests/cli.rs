@@ -2,13 +2,17 @@
 //! the fake writes: what it sends (recorded requests), what ends up stored, what it prints,
 //! and how it fails (one `error:` line, non-zero exit).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
 use zmesh_kube_fake::{FakeApiServer, RecordedRequest};
 
 const BIN: &str = env!("CARGO_BIN_EXE_zmesh");
@@ -720,22 +724,57 @@ const ZTUNNEL_DUMP: &str = r#"{"node": "node-a", "trust_domain": "cluster.local"
   {"identity": "spiffe://cluster.local/ns/shop/sa/ratings", "state": "Available", "serial": "02",
    "not_before": "2026-01-01T00:00:00Z", "not_after": "2099-01-01T12:00:00Z"}]}"#;
 
+/// zmesh-core's real admin server, on loopback as in a pod, serving `dump` as `/config_dump`.
+/// It stops when the returned guard is dropped.
+async fn admin_server(dump: &str) -> (SocketAddr, tokio_util::sync::DropGuard) {
+    struct Dump(Value);
+    impl zmesh_core::admin::AdminHandler for Dump {
+        fn config_dump(&self) -> Value {
+            self.0.clone()
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let handler = Arc::new(Dump(serde_json::from_str(dump).unwrap()));
+    tokio::spawn(zmesh_core::admin::serve_admin(
+        listener,
+        handler,
+        None,
+        stop.clone(),
+    ));
+    (addr, stop.drop_guard())
+}
+
+/// A server that accepts connections and never answers (a hung proxy).
+async fn silent_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    addr
+}
+
 #[tokio::test]
-async fn config_dump_through_the_pod_proxy() {
+async fn config_dump_through_port_forward() {
     let e = env().await;
-    e.api.set_pod_proxy(
-        "zmesh-system",
-        "ztunnel-abc:15000",
-        "config_dump",
-        200,
-        ZTUNNEL_DUMP,
-    );
+    let (admin, _stop) = admin_server(ZTUNNEL_DUMP).await;
+    e.api
+        .set_port_forward("zmesh-system", "ztunnel-abc", 15000, admin);
     let out = e.zmesh(&["config-dump", "ztunnel", "ztunnel-abc"]).await;
     assert_ok(&out);
     let got: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
     assert_eq!(got, serde_json::from_str::<Value>(ZTUNNEL_DUMP).unwrap());
-    assert!(e.api.requests().iter().any(|r| r.method == "GET"
-        && r.path == "/api/v1/namespaces/zmesh-system/pods/ztunnel-abc:15000/proxy/config_dump"));
+    // Through the portforward subresource (a WebSocket GET), never the pod proxy.
+    let requests = e.api.requests();
+    assert!(requests.iter().any(|r| r.method == "GET"
+        && r.path == "/api/v1/namespaces/zmesh-system/pods/ztunnel-abc/portforward"
+        && r.query.contains("ports=15000")));
+    assert!(!requests.iter().any(|r| r.path.contains("/proxy")));
 
     let out = e
         .zmesh(&["config-dump", "ztunnel", "ztunnel-abc", "-o", "yaml"])
@@ -744,15 +783,68 @@ async fn config_dump_through_the_pod_proxy() {
     let got: Value = serde_saphyr::from_str(&stdout(&out)).expect("YAML output");
     assert_eq!(got["node"], "node-a");
 
-    // A waypoint pod in -n's namespace; the fake answers 502 when nothing is configured, as an
-    // API server does when the pod's port does not answer.
+    // A waypoint pod in -n's namespace where nothing listens on 15000: the kubelet's dial
+    // inside the pod is refused and says so on the error channel.
+    e.api
+        .insert(pod("shop", "waypoint-xyz", "node-a", json!({}), true));
     let out = e
         .zmesh(&["config-dump", "waypoint", "waypoint-xyz", "-n", "shop"])
         .await;
     assert_one_line_error(
         &out,
-        &["pod shop/waypoint-xyz", "could not reach admin port 15000"],
+        &[
+            "pod shop/waypoint-xyz: port-forward to port 15000",
+            "connection refused inside the pod",
+        ],
     );
+}
+
+#[tokio::test]
+async fn config_dump_errors_are_one_line() {
+    let e = env().await;
+
+    // No such pod: 404 before any upgrade.
+    let out = e.zmesh(&["config-dump", "ztunnel", "ztunnel-nope"]).await;
+    assert_one_line_error(
+        &out,
+        &["pod \"ztunnel-nope\" in namespace \"zmesh-system\" not found"],
+    );
+
+    // RBAC: the kubeconfig's user may not create pods/portforward.
+    let (admin, _stop) = admin_server(ZTUNNEL_DUMP).await;
+    e.api
+        .set_port_forward("zmesh-system", "ztunnel-abc", 15000, admin);
+    e.api.fail(
+        "GET",
+        "/api/v1/namespaces/zmesh-system/pods/ztunnel-abc/portforward",
+        403,
+    );
+    let out = e.zmesh(&["config-dump", "ztunnel", "ztunnel-abc"]).await;
+    assert_one_line_error(
+        &out,
+        &[
+            "forbidden",
+            "cannot create pods/portforward \"ztunnel-abc\" in namespace \"zmesh-system\"",
+            "system:serviceaccount:test:fake",
+        ],
+    );
+    e.api.clear_failures();
+
+    // A proxy that accepts and never answers: the timeout, not a hang.
+    e.api
+        .set_port_forward("zmesh-system", "ztunnel-hung", 15000, silent_server().await);
+    let started = std::time::Instant::now();
+    let out = e
+        .zmesh(&["config-dump", "ztunnel", "ztunnel-hung", "--timeout", "1s"])
+        .await;
+    assert_one_line_error(
+        &out,
+        &[
+            "timed out after 1s",
+            "GET /config_dump on port 15000 of pod zmesh-system/ztunnel-hung",
+        ],
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 fn pod(ns: &str, name: &str, node: &str, labels: Value, ready: bool) -> Value {
@@ -783,13 +875,10 @@ async fn status_shows_controller_ztunnels_waypoints_and_enrolled_namespaces() {
         .insert(pod("zmesh-system", "ztunnel-a", "node-a", zt.clone(), true));
     e.api
         .insert(pod("zmesh-system", "ztunnel-b", "node-b", zt, true));
-    e.api.set_pod_proxy(
-        "zmesh-system",
-        "ztunnel-a:15000",
-        "config_dump",
-        200,
-        ZTUNNEL_DUMP,
-    );
+    // ztunnel-a's admin server answers through port-forward; nothing listens in ztunnel-b.
+    let (admin, _stop) = admin_server(ZTUNNEL_DUMP).await;
+    e.api
+        .set_port_forward("zmesh-system", "ztunnel-a", 15000, admin);
     e.api
         .insert(pod("shop", "reviews-1", "node-a", json!({}), true));
     e.api.insert(pod(
@@ -830,7 +919,8 @@ async fn status_shows_controller_ztunnels_waypoints_and_enrolled_namespaces() {
     assert!(has_row(&["shop", "1", "1", "waypoint"]), "{text}");
     assert!(!text.contains("legacy"), "{text}");
     assert!(
-        text.contains("note: certificate expiry unknown for 1 ztunnel pod(s)"),
+        text.contains("note: certificate expiry unknown for 1 ztunnel pod(s)")
+            && text.contains("ztunnel-b: pod zmesh-system/ztunnel-b: port-forward to port 15000: connection refused inside the pod"),
         "{text}"
     );
 

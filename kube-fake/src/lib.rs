@@ -3,14 +3,16 @@
 //! Real clients (kube-rs, anything speaking the REST API) talk to it over plain HTTP/1.1 on
 //! loopback: discovery (`/api`, `/apis`, `/apis/G/V`, `/version`), get/list/watch with label and
 //! field selectors, create, replace, delete, patches (server-side apply as create-or-merge, JSON
-//! merge, strategic merge treated as merge, JSON patch), `status` subresources, dry runs, and the
-//! pods' `proxy` subresource with canned answers. A CustomResourceDefinition created through it
+//! merge, strategic merge treated as merge, JSON patch), `status` subresources, dry runs, the
+//! pods' `proxy` subresource with canned answers, and the pods' `portforward` subresource over
+//! WebSocket (the kubelet's `v4.channel.k8s.io` framing) to TCP addresses the test registers. A CustomResourceDefinition created through it
 //! makes its kind served and Established. Every request is recorded, and failures can be
 //! injected by method and path prefix. It does not emulate the garbage collector, admission or
 //! field ownership: tests see exactly what their client did.
 
 mod kinds;
 mod patch;
+mod portforward;
 mod selector;
 mod server;
 mod store;
@@ -30,6 +32,8 @@ use store::{Event, Failure, State, Write};
 pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     pub(crate) events: broadcast::Sender<Event>,
+    /// Cancelled when the server is dropped; upgraded (port-forward) connections end with it.
+    pub(crate) stop: CancellationToken,
 }
 
 /// A running fake API server; stops when dropped.
@@ -54,11 +58,12 @@ impl FakeApiServer {
         let addr = listener
             .local_addr()
             .expect("local address of a bound socket");
+        let stop = CancellationToken::new();
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             events: broadcast::channel(4096).0,
+            stop: stop.clone(),
         });
-        let stop = CancellationToken::new();
         let (srv, token) = (inner.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
@@ -75,8 +80,10 @@ impl FakeApiServer {
                         let srv = srv.clone();
                         async move { Ok::<_, std::convert::Infallible>(server::handle(srv, req).await) }
                     });
+                    // Upgrades: the portforward subresource switches to WebSocket.
                     let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .with_upgrades();
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = conn => {}
@@ -241,5 +248,21 @@ impl FakeApiServer {
             format!("{namespace}/{pod}/{path}"),
             (status, body.to_string()),
         );
+    }
+
+    /// Makes `GET /api/v1/namespaces/NS/pods/POD/portforward?ports=PORT` (a WebSocket upgrade,
+    /// as kube-rs's `Api::<Pod>::portforward` sends it; SPDY is not served) connect PORT to
+    /// `target`, as the kubelet connects to `localhost:PORT` inside the pod.
+    ///
+    /// A pod with no registered port and no stored Pod object is answered 404 before the
+    /// upgrade; a registered or stored pod upgrades, and a requested port with no target gets
+    /// "connection refused" on its error channel (nothing listens there), as does a target
+    /// that refuses the connection.
+    pub fn set_port_forward(&self, namespace: &str, pod: &str, port: u16, target: SocketAddr) {
+        self.state()
+            .port_forwards
+            .entry(format!("{namespace}/{pod}"))
+            .or_default()
+            .insert(port, target);
     }
 }

@@ -49,6 +49,10 @@ enum Route {
         pod: String,
         rest: String,
     },
+    PortForward {
+        ns: String,
+        pod: String,
+    },
 }
 
 fn json_response(code: u16, v: &Value) -> Response<Body> {
@@ -111,6 +115,10 @@ fn route(state: &State, path: &str) -> Result<Route, ApiError> {
                 rest: tail.join("/"),
             }
         }
+        ["namespaces", ns, "pods", pod, "portforward"] if group.is_empty() => Route::PortForward {
+            ns: ns.to_string(),
+            pod: pod.to_string(),
+        },
         ["namespaces", ns, plural, tail @ ..] if !matches!(*plural, "status" | "finalize") => {
             let k = kind(plural)?;
             if !k.namespaced {
@@ -161,16 +169,24 @@ fn injected(code: u16, route: Option<&Route>, method: &Method, watch: bool) -> A
     let (reason, what) = match code {
         401 => ("Unauthorized", "Unauthorized".to_string()),
         403 => {
-            let (res, group, ns, name, coll) = match route {
+            // (resource for "X is forbidden", RBAC resource, group, namespace, name, verb)
+            let (res, rbac_res, group, ns, name, v) = match route {
                 Some(Route::Collection { kind, ns, .. }) => {
-                    (kind.plural.as_str(), kind.group.as_str(), ns.clone().unwrap_or_default(), "", true)
+                    (kind.plural.clone(), kind.plural.clone(), kind.group.as_str(), ns.clone().unwrap_or_default(), "", verb(method, true, watch))
                 }
                 Some(Route::Object { kind, ns, name, .. }) => {
-                    (kind.plural.as_str(), kind.group.as_str(), ns.clone(), name.as_str(), false)
+                    (kind.plural.clone(), kind.plural.clone(), kind.group.as_str(), ns.clone(), name.as_str(), verb(method, false, watch))
                 }
-                _ => ("", "", String::new(), "", false),
+                // A WebSocket GET on a connect subresource needs `create` (as for SPDY's POST),
+                // and RBAC names the subresource.
+                Some(Route::PortForward { ns, pod }) => {
+                    ("pods".into(), "pods/portforward".into(), "", ns.clone(), pod.as_str(), "create")
+                }
+                Some(Route::PodProxy { ns, pod, .. }) => {
+                    ("pods".into(), "pods/proxy".into(), "", ns.clone(), pod.as_str(), verb(method, false, watch))
+                }
+                _ => (String::new(), String::new(), "", String::new(), "", verb(method, false, watch)),
             };
-            let v = verb(method, coll, watch);
             let mut m = String::new();
             if !name.is_empty() {
                 m.push_str(&format!("{res} \"{name}\" is forbidden: "));
@@ -178,7 +194,7 @@ fn injected(code: u16, route: Option<&Route>, method: &Method, watch: bool) -> A
                 m.push_str(&format!("{res} is forbidden: "));
             }
             m.push_str(&format!(
-                "User \"system:serviceaccount:test:fake\" cannot {v} resource \"{res}\" in API group \"{group}\""
+                "User \"system:serviceaccount:test:fake\" cannot {v} resource \"{rbac_res}\" in API group \"{group}\""
             ));
             if !ns.is_empty() {
                 m.push_str(&format!(" in the namespace \"{ns}\""));
@@ -197,7 +213,7 @@ fn injected(code: u16, route: Option<&Route>, method: &Method, watch: bool) -> A
 }
 
 pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
@@ -269,6 +285,35 @@ pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body>
                 .header("content-type", "application/json")
                 .body(Full::new(Bytes::from(text)).boxed_unsync())
                 .expect("static response parts");
+        }
+        (&Method::GET, Route::PortForward { ns, pod }) => {
+            // The pod exists if the test registered ports for it or stored it.
+            let pods = st.kind_at("", "v1", "pods");
+            let stored = pods
+                .as_ref()
+                .is_some_and(|k| st.objects.contains_key(&crate::store::key(k, &ns, &pod)));
+            let targets = match st.port_forwards.get(&format!("{ns}/{pod}")) {
+                Some(t) => t.clone(),
+                None if stored => HashMap::new(),
+                None => {
+                    return error(
+                        &pods
+                            .map(|k| ApiError::not_found(&k, &pod))
+                            .unwrap_or_else(not_served),
+                    );
+                }
+            };
+            drop(st);
+            return match crate::portforward::upgrade(
+                &mut parts,
+                &query,
+                format!("{ns}/{pod}"),
+                targets,
+                inner.stop.clone(),
+            ) {
+                Ok(r) => r,
+                Err(e) => error(&e),
+            };
         }
         (&Method::GET, Route::Collection { kind, version, ns }) if watch => {
             let sel = Selectors::from_query(&query);

@@ -109,6 +109,8 @@ pub struct State {
     pub failures: Vec<Failure>,
     /// `ns/pod:port/path` → (status, body) for the pods' `proxy` subresource.
     pub proxies: HashMap<String, (u16, String)>,
+    /// `ns/pod` → port → where the `portforward` subresource connects for that port.
+    pub port_forwards: HashMap<String, HashMap<u16, std::net::SocketAddr>>,
     uid: u64,
 }
 
@@ -122,6 +124,7 @@ impl Default for State {
             requests: Vec::new(),
             failures: Vec::new(),
             proxies: HashMap::new(),
+            port_forwards: HashMap::new(),
             uid: 0,
         }
     }
