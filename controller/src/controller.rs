@@ -190,16 +190,23 @@ impl TranslationLoop {
         }
     }
 
+    /// Translates on change, at most once per `debounce` window: a change after a quiet
+    /// window is translated at once (no added latency), later changes within the window wait
+    /// for its end and are translated together.
     async fn run(mut self, debounce: Duration, stop: CancellationToken) {
+        let mut last: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 r = self.rx.changed() => if r.is_err() { return },
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(debounce) => {}
+            if let Some(t) = last {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(t + debounce) => {}
+                }
             }
+            last = Some(tokio::time::Instant::now());
             self.translate_once().await;
         }
     }

@@ -130,7 +130,13 @@ async fn one_change_reaches_a_connected_client_as_one_delta() {
     c.ack(&r).await;
     c.expect_silence(QUIET).await;
 
-    // Several changes within the debounce window coalesce into one delta.
+    // Several changes coalesce into one delta. An isolated change (f) goes out at once (no
+    // debounce delay after a quiet window); changes made while a push is in flight (or within
+    // the window after it) leave together, with the latest content.
+    ws.push(workload("default", "f", "sa-f", "10.0.0.6", "node-1"));
+    h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    let r_f = c.recv().await;
+    assert_eq!(names(&r_f), vec![uid("default", "f")]);
     let mut e = workload("default", "e", "sa-e", "10.0.0.5", "node-1");
     ws.push(e.clone());
     h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
@@ -138,6 +144,8 @@ async fn one_change_reaches_a_connected_client_as_one_delta() {
     ws.pop();
     ws.push(e.clone());
     h.cache.update_type(ADDRESS_TYPE_URL, addresses(&ws));
+    c.expect_silence(QUIET).await; // nothing while f is unacknowledged
+    c.ack(&r_f).await;
     let r = c.recv().await;
     assert_eq!(names(&r), vec![uid("default", "e")]);
     let (_, cached) = h.cache.snapshot(ADDRESS_TYPE_URL);

@@ -50,6 +50,40 @@ struct PodRef {
     labels: Labels,
 }
 
+/// The pods, indexed by namespace: a selector policy only looks at its own namespace's pods
+/// (root-namespace policies excepted), so 1 000 policies over 10 000 pods stay cheap.
+struct Pods {
+    all: Vec<PodRef>,
+    by_namespace: std::collections::HashMap<String, Vec<usize>>,
+}
+
+impl Pods {
+    fn new(all: Vec<PodRef>) -> Pods {
+        let mut by_namespace: std::collections::HashMap<String, Vec<usize>> = Default::default();
+        for (i, p) in all.iter().enumerate() {
+            by_namespace.entry(p.namespace.clone()).or_default().push(i);
+        }
+        Pods { all, by_namespace }
+    }
+
+    /// Pods of `namespace`, or of every namespace.
+    fn in_scope<'a>(
+        &'a self,
+        namespace: &str,
+        everywhere: bool,
+    ) -> Box<dyn Iterator<Item = &'a PodRef> + 'a> {
+        if everywhere {
+            return Box::new(self.all.iter());
+        }
+        let idx = self
+            .by_namespace
+            .get(namespace)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        Box::new(idx.iter().map(|&i| &self.all[i]))
+    }
+}
+
 /// Everything this module derives from a snapshot.
 #[derive(Debug, Default)]
 pub struct Compiled {
@@ -71,7 +105,11 @@ impl Compiled {
 
 /// Translate AuthorizationPolicies and PeerAuthentications into `out`.
 pub fn translate(snap: &Snapshot, opts: &TranslateOptions, out: &mut Translated) {
-    let compiled = compile(snap, opts);
+    emit(compile(snap, opts), out);
+}
+
+/// Add compiled policies (and their errors) to `out`.
+pub fn emit(compiled: Compiled, out: &mut Translated) {
     for (name, policy) in &compiled.policies {
         out.add(zmesh_proto::AUTHORIZATION_TYPE_URL, name.clone(), policy);
     }
@@ -82,15 +120,16 @@ pub fn translate(snap: &Snapshot, opts: &TranslateOptions, out: &mut Translated)
 /// Pure function of the snapshot: [`super::workloads`] calls it too, for the bindings.
 pub fn compile(snap: &Snapshot, opts: &TranslateOptions) -> Compiled {
     // Pods that fail to parse are reported by the workload translation, not here.
-    let pods: Vec<PodRef> = snap
-        .of_kind("Pod")
-        .filter_map(|(_, v)| k8s::parse::<k8s::Pod>(v).ok())
-        .map(|p| PodRef {
-            namespace: p.metadata.namespace,
-            name: p.metadata.name,
-            labels: p.metadata.labels,
-        })
-        .collect();
+    let pods = Pods::new(
+        snap.parsed_of_kind::<k8s::Pod>("Pod")
+            .filter_map(|(_, p)| p.ok())
+            .map(|p| PodRef {
+                namespace: p.metadata.namespace.clone(),
+                name: p.metadata.name.clone(),
+                labels: p.metadata.labels.clone(),
+            })
+            .collect(),
+    );
     let mut c = Compiled::default();
     authorization_policies(snap, opts, &pods, &mut c);
     peer_authentications(snap, opts, &pods, &mut c);
@@ -100,14 +139,9 @@ pub fn compile(snap: &Snapshot, opts: &TranslateOptions) -> Compiled {
 // ---------------------------------------------------------------------------------------------
 // AuthorizationPolicy
 
-fn authorization_policies(
-    snap: &Snapshot,
-    opts: &TranslateOptions,
-    pods: &[PodRef],
-    c: &mut Compiled,
-) {
-    for (key, raw) in snap.of_kind("AuthorizationPolicy") {
-        let ap = match k8s::parse::<k8s::AuthorizationPolicy>(raw) {
+fn authorization_policies(snap: &Snapshot, opts: &TranslateOptions, pods: &Pods, c: &mut Compiled) {
+    for (key, parsed) in snap.parsed_of_kind::<k8s::AuthorizationPolicy>("AuthorizationPolicy") {
+        let ap = match parsed {
             Ok(ap) => ap,
             Err(e) => {
                 c.errors.push(error(key, &e.field, &e.reason));
@@ -121,10 +155,10 @@ fn authorization_policies(
                 if let Some(selector) = selector {
                     // A root-namespace selector policy selects in every namespace (Istio).
                     let everywhere = key.namespace == opts.root_namespace;
-                    for pod in pods.iter().filter(|p| {
-                        (everywhere || p.namespace == key.namespace)
-                            && k8s::selector_matches(&selector, &p.labels)
-                    }) {
+                    for pod in pods
+                        .in_scope(&key.namespace, everywhere)
+                        .filter(|p| k8s::selector_matches(&selector, &p.labels))
+                    {
                         c.bind(pod, &name);
                     }
                 }
@@ -591,12 +625,7 @@ fn parse_peer_auth(key: &ObjectKey, raw: &serde_json::Value) -> Result<PeerAuth,
     })
 }
 
-fn peer_authentications(
-    snap: &Snapshot,
-    opts: &TranslateOptions,
-    pods: &[PodRef],
-    c: &mut Compiled,
-) {
+fn peer_authentications(snap: &Snapshot, opts: &TranslateOptions, pods: &Pods, c: &mut Compiled) {
     let mut all = Vec::new();
     for (key, raw) in snap.of_kind("PeerAuthentication") {
         match parse_peer_auth(key, raw) {
@@ -639,7 +668,7 @@ fn peer_authentications(
 
     // Which PeerAuthentication decides each pod's mode (None: nothing, PERMISSIVE).
     let mut decided_by: BTreeMap<ObjectKey, Vec<&PodRef>> = BTreeMap::new();
-    for pod in pods {
+    for pod in &pods.all {
         let own = workload_level.iter().find(|pa| {
             pa.key.namespace == pod.namespace
                 && k8s::selector_matches(

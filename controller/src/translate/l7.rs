@@ -43,6 +43,7 @@ mod parse;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -99,7 +100,7 @@ struct ServiceBuilder {
     sources: BTreeSet<String>,
 }
 
-impl Cx<'_> {
+impl<'a> Cx<'a> {
     fn report(&mut self, key: &ObjectKey, e: FieldError) {
         tracing::warn!(object = %key, field = %e.field, reason = %e.reason, "invalid L7 configuration");
         self.out.error(key, e.field, e.reason.to_string());
@@ -114,25 +115,25 @@ impl Cx<'_> {
     }
 
     /// Objects of `kind` with an accepted apiVersion, ordered by (creationTimestamp, ns, name)
-    /// — Istio's conflict order — with their parsed spec. Others are reported.
-    fn objects<T: DeserializeOwned>(
+    /// — Istio's conflict order — with their parsed spec (memoized with the stored object, so
+    /// unchanged objects are not re-parsed on every translation). Others are reported.
+    fn objects<T: DeserializeOwned + Send + Sync + 'static>(
         &mut self,
-        kind: &str,
+        kind: &'a str,
         versions: &[&str],
-    ) -> Vec<(ObjectKey, Value, T)> {
-        let mut list: Vec<(String, ObjectKey, Value)> = self
-            .snap
+    ) -> Vec<(ObjectKey, &'a Value, Arc<T>)> {
+        let snap: &'a Snapshot = self.snap;
+        let mut list: Vec<(&'a str, &'a ObjectKey, &'a Value)> = snap
             .of_kind(kind)
             .map(|(k, v)| {
                 let ts = v
                     .pointer("/metadata/creationTimestamp")
                     .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                (ts, k.clone(), v.clone())
+                    .unwrap_or("");
+                (ts, k, v)
             })
             .collect();
-        list.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        list.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         let mut res = Vec::new();
         for (_, key, obj) in list {
             let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
@@ -145,7 +146,7 @@ impl Cx<'_> {
                     .is_some_and(|g| api.split('/').next() == Some(g));
                 if our_group {
                     self.report(
-                        &key,
+                        key,
                         FieldError {
                             field: "apiVersion".into(),
                             reason: Invalid::Unsupported(format!(
@@ -157,25 +158,57 @@ impl Cx<'_> {
                 }
                 continue;
             }
-            let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
-            let spec = if spec.is_null() {
-                Value::Object(Default::default())
-            } else {
-                spec
+            let parsed = match snap.parsed::<SpecOf<T>>(key) {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
+                    self.report(
+                        key,
+                        FieldError {
+                            field: "spec".into(),
+                            reason: Invalid::Bad(format!("does not parse: {}", e.reason)),
+                        },
+                    );
+                    continue;
+                }
+                None => continue,
             };
-            match serde_json::from_value::<T>(spec) {
-                Ok(t) => res.push((key, obj, t)),
-                Err(e) => self.report(
-                    &key,
-                    FieldError {
-                        field: "spec".into(),
-                        reason: Invalid::Bad(format!("does not parse: {e}")),
-                    },
-                ),
+            match parsed.spec.clone() {
+                Some(t) => res.push((key.clone(), obj, t)),
+                // A missing or null spec is an empty one.
+                None => match serde_json::from_value::<T>(Value::Object(Default::default())) {
+                    Ok(t) => res.push((key.clone(), obj, Arc::new(t))),
+                    Err(e) => self.report(
+                        key,
+                        FieldError {
+                            field: "spec".into(),
+                            reason: Invalid::Bad(format!("does not parse: {e}")),
+                        },
+                    ),
+                },
             }
         }
         res
     }
+}
+
+/// The `spec` of an object, as the memoized typed view of the whole object.
+#[derive(serde::Deserialize)]
+#[serde(bound = "T: DeserializeOwned")]
+struct SpecOf<T> {
+    #[serde(default = "none", deserialize_with = "arc_spec")]
+    spec: Option<Arc<T>>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+fn arc_spec<'de, D, T>(d: D) -> Result<Option<Arc<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    Ok(<Option<T> as serde::Deserialize>::deserialize(d)?.map(Arc::new))
 }
 
 fn annotation<'v>(obj: &'v Value, name: &str) -> Option<&'v str> {
@@ -570,7 +603,7 @@ fn virtual_services(cx: &mut Cx<'_>, drs: &DrIndex) {
             continue;
         }
         let mut warnings = Vec::new();
-        let vs = match virtual_service(&key, &obj, &spec, drs, &mut warnings) {
+        let vs = match virtual_service(&key, obj, &spec, drs, &mut warnings) {
             Ok(vs) => vs,
             Err(e) => {
                 for w in warnings {

@@ -85,8 +85,10 @@ impl Translated {
 /// Translate everything in `snap`.
 pub fn translate(snap: &Snapshot, opts: &TranslateOptions) -> Translated {
     let mut out = Translated::default();
-    workloads::translate(snap, opts, &mut out);
-    authz::translate(snap, opts, &mut out);
+    // Compiled once: workloads need the policy bindings, authz emits the policies.
+    let compiled = authz::compile(snap, opts);
+    workloads::translate(snap, opts, &compiled.bindings, &mut out);
+    authz::emit(compiled, &mut out);
     l7::translate(snap, opts, &mut out);
     out
 }

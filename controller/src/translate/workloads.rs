@@ -22,13 +22,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use ipnet::IpNet;
 use regex::Regex;
 use zmesh_proto::workload as pb;
 
-use super::{TranslateOptions, Translated, authz};
+use super::{TranslateOptions, Translated};
 use crate::k8s::{self, IntOrString, Labels};
 use crate::store::{ObjectKey, Snapshot};
 
@@ -56,21 +56,25 @@ pub fn service_hostname(name: &str, namespace: &str) -> String {
 
 /// Parsed objects of a snapshot, indexed for the joins below.
 struct Index {
-    namespaces: BTreeMap<String, k8s::Namespace>,
-    pods: Vec<(ObjectKey, k8s::Pod)>,
-    services: Vec<(ObjectKey, k8s::Service)>,
-    slices: Vec<(ObjectKey, k8s::EndpointSlice)>,
-    service_entries: Vec<(ObjectKey, k8s::ServiceEntry)>,
-    gateways: BTreeMap<(String, String), k8s::Gateway>,
+    namespaces: BTreeMap<String, Arc<k8s::Namespace>>,
+    pods: Vec<(ObjectKey, Arc<k8s::Pod>)>,
+    /// Namespace → indexes into `pods` (selectors never cross namespaces).
+    pods_by_namespace: HashMap<String, Vec<usize>>,
+    services: Vec<(ObjectKey, Arc<k8s::Service>)>,
+    /// (namespace, name) → index into `services`.
+    services_by_name: HashMap<(String, String), usize>,
+    slices: Vec<(ObjectKey, Arc<k8s::EndpointSlice>)>,
+    service_entries: Vec<(ObjectKey, Arc<k8s::ServiceEntry>)>,
+    gateways: BTreeMap<(String, String), Arc<k8s::Gateway>>,
 }
 
-fn parse_all<T: serde::de::DeserializeOwned>(
+fn parse_all<T: serde::de::DeserializeOwned + Send + Sync + 'static>(
     snap: &Snapshot,
     kind: &str,
     out: &mut Translated,
-) -> Vec<(ObjectKey, T)> {
-    snap.of_kind(kind)
-        .filter_map(|(key, raw)| match k8s::parse::<T>(raw) {
+) -> Vec<(ObjectKey, Arc<T>)> {
+    snap.parsed_of_kind::<T>(kind)
+        .filter_map(|(key, parsed)| match parsed {
             Ok(v) => Some((key.clone(), v)),
             Err(e) => {
                 tracing::error!(object = %key, field = %e.field, reason = %e.reason, "object skipped");
@@ -83,13 +87,29 @@ fn parse_all<T: serde::de::DeserializeOwned>(
 
 impl Index {
     fn build(snap: &Snapshot, out: &mut Translated) -> Index {
+        let pods: Vec<(ObjectKey, Arc<k8s::Pod>)> = parse_all(snap, "Pod", out);
+        let mut pods_by_namespace: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, (k, _)) in pods.iter().enumerate() {
+            pods_by_namespace
+                .entry(k.namespace.clone())
+                .or_default()
+                .push(i);
+        }
+        let services: Vec<(ObjectKey, Arc<k8s::Service>)> = parse_all(snap, "Service", out);
+        let services_by_name = services
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| ((k.namespace.clone(), k.name.clone()), i))
+            .collect();
         Index {
             namespaces: parse_all::<k8s::Namespace>(snap, "Namespace", out)
                 .into_iter()
                 .map(|(k, v)| (k.name, v))
                 .collect(),
-            pods: parse_all(snap, "Pod", out),
-            services: parse_all(snap, "Service", out),
+            pods,
+            pods_by_namespace,
+            services,
+            services_by_name,
             slices: parse_all(snap, "EndpointSlice", out),
             service_entries: parse_all(snap, "ServiceEntry", out),
             gateways: parse_all::<k8s::Gateway>(snap, "Gateway", out)
@@ -104,10 +124,22 @@ impl Index {
     }
 
     fn service(&self, ns: &str, name: &str) -> Option<&k8s::Service> {
-        self.services
-            .iter()
-            .find(|(k, _)| k.namespace == ns && k.name == name)
-            .map(|(_, s)| s)
+        let i = *self
+            .services_by_name
+            .get(&(ns.to_string(), name.to_string()))?;
+        Some(&self.services[i].1)
+    }
+
+    /// Pods of one namespace, in key order.
+    fn pods_in<'a>(
+        &'a self,
+        ns: &str,
+    ) -> impl Iterator<Item = &'a (ObjectKey, Arc<k8s::Pod>)> + 'a {
+        self.pods_by_namespace
+            .get(ns)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.pods[i])
     }
 }
 
@@ -209,9 +241,13 @@ fn port_u32(p: i64) -> Option<u32> {
 }
 
 /// Translate all addresses into `out`.
-pub fn translate(snap: &Snapshot, opts: &TranslateOptions, out: &mut Translated) {
+pub fn translate(
+    snap: &Snapshot,
+    opts: &TranslateOptions,
+    bindings: &BTreeMap<(String, String), BTreeSet<String>>,
+    out: &mut Translated,
+) {
     let idx = Index::build(snap, out);
-    let bindings = authz::compile(snap, opts).bindings;
     let mut addresses: BTreeMap<String, pb::Address> = BTreeMap::new();
     // Pod (ns, name) → services it backs.
     let mut backs: HashMap<(String, String), BTreeMap<String, Vec<pb::Port>>> = HashMap::new();
@@ -243,7 +279,7 @@ pub fn translate(snap: &Snapshot, opts: &TranslateOptions, out: &mut Translated)
         );
     }
     for (key, pod) in &idx.pods {
-        if let Some(w) = translate_pod(&idx, opts, key, pod, &backs, &bindings, out) {
+        if let Some(w) = translate_pod(&idx, opts, key, pod, &backs, bindings, out) {
             addresses.insert(
                 w.uid.clone(),
                 pb::Address {
@@ -407,10 +443,8 @@ fn translate_service(
     // Endpoints.
     match spec.selector.as_ref().filter(|s| !s.is_empty()) {
         Some(selector) => {
-            for (pk, pod) in &idx.pods {
-                if pk.namespace != key.namespace
-                    || !k8s::selector_matches(selector, &pod.metadata.labels)
-                {
+            for (pk, pod) in idx.pods_in(&key.namespace) {
+                if !k8s::selector_matches(selector, &pod.metadata.labels) {
                     continue;
                 }
                 let pl: Vec<pb::Port> = valid_ports
@@ -669,9 +703,10 @@ fn translate_service_entry(
 
     // Endpoints: selected pods, or inline endpoints.
     if let Some(sel) = spec.workload_selector.as_ref() {
-        for (pk, _) in idx.pods.iter().filter(|(pk, p)| {
-            pk.namespace == key.namespace && k8s::selector_matches(&sel.labels, &p.metadata.labels)
-        }) {
+        for (pk, _) in idx
+            .pods_in(&key.namespace)
+            .filter(|(_, p)| k8s::selector_matches(&sel.labels, &p.metadata.labels))
+        {
             let entry = backs
                 .entry((pk.namespace.clone(), pk.name.clone()))
                 .or_default();

@@ -272,14 +272,13 @@ fn replace_type(st: &mut TypeState, fresh: BTreeMap<String, Any>) -> Option<(usi
         st.resources.remove(name);
     }
     for (name, any) in fresh {
-        let version = content_version(&any);
-        if st
-            .resources
-            .get(&name)
-            .is_some_and(|old| *old.version == *version)
-        {
+        // Most resources are unchanged on an update: a byte comparison is cheaper than hashing.
+        if st.resources.get(&name).is_some_and(|old| {
+            old.resource.value == any.value && old.resource.type_url == any.type_url
+        }) {
             continue;
         }
+        let version = content_version(&any);
         st.resources.insert(
             name.clone(),
             CachedResource {

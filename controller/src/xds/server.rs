@@ -302,6 +302,7 @@ impl AdsStream {
         let stop = self.inner.stop.clone();
         let debounce = self.inner.opts.debounce;
         let mut deadline: Option<Instant> = None;
+        let mut last_push: Option<Instant> = None;
         let end = loop {
             let sleep = async {
                 match deadline {
@@ -321,7 +322,12 @@ impl AdsStream {
                 },
                 r = changes.changed(), if deadline.is_none() => match r {
                     Ok(()) => {
-                        deadline = Some(Instant::now() + debounce);
+                        // Leading edge: a change after a quiet window goes out at once;
+                        // changes within `debounce` of the last push wait for the window's
+                        // end and leave as one delta (a burst costs at most one push per
+                        // window, an isolated change no added latency).
+                        let now = Instant::now();
+                        deadline = Some(last_push.map_or(now, |t| (t + debounce).max(now)));
                         Ok(())
                     }
                     Err(_) => Err(End::Shutdown),
@@ -329,6 +335,7 @@ impl AdsStream {
                 _ = sleep => {
                     deadline = None;
                     changes.mark_unchanged();
+                    last_push = Some(Instant::now());
                     self.push_all().await
                 }
             };
