@@ -221,8 +221,12 @@ impl Ztunnel {
         }
 
         // eBPF capture of enrolled pods (after the listeners are bound).
-        let redirect = (cfg.redirect.clone())
-            .map(|rc| crate::redirect::spawn(pi.clone(), rc, servers.clone()));
+        // Not ready until capture works: a node whose redirection cannot be set up must not
+        // look healthy (its enrolled pods would not be captured).
+        let redirect = (cfg.redirect.clone()).map(|rc| {
+            let ready = readiness.register("redirect");
+            crate::redirect::spawn(pi.clone(), rc, servers.clone(), ready)
+        });
 
         // Admin, metrics, readiness.
         if let Some(l) = admin_l {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use zmesh_core::admin::ReadyBlocker;
 use zmesh_core::state::TunnelProtocol;
 use zmesh_ebpf::{
     PodRedirect, ReconcileReport, RedirectBackend, RedirectStats, TcBackend, TcOptions,
@@ -70,7 +71,12 @@ fn port_of(a: Option<std::net::SocketAddr>, default: u16) -> u16 {
 }
 
 /// Start the manager; returns the handle `/config_dump` reads.
-pub fn spawn(pi: Arc<ProxyInputs>, rc: RedirectConfig, stop: CancellationToken) -> StatusHandle {
+pub fn spawn(
+    pi: Arc<ProxyInputs>,
+    rc: RedirectConfig,
+    stop: CancellationToken,
+    ready: ReadyBlocker,
+) -> StatusHandle {
     let cfg: &Config = &pi.cfg;
     let opts = TcOptions {
         bpffs_dir: rc.bpffs_dir.clone(),
@@ -90,7 +96,7 @@ pub fn spawn(pi: Arc<ProxyInputs>, rc: RedirectConfig, stop: CancellationToken) 
         ..RedirectStatus::default()
     }));
     let backend: Box<dyn RedirectBackend> = Box::new(TcBackend::new(opts));
-    tokio::spawn(run(pi, rc, backend, status.clone(), stop));
+    tokio::spawn(run(pi, rc, backend, status.clone(), stop, ready));
     status
 }
 
@@ -107,6 +113,7 @@ pub async fn run(
     mut backend: Box<dyn RedirectBackend>,
     status: StatusHandle,
     stop: CancellationToken,
+    ready: ReadyBlocker,
 ) {
     // Prepare, retrying: a missing privilege or bpffs is reported and retried, not fatal to
     // the proxy (pods pinned by a previous run stay captured meanwhile).
@@ -142,8 +149,13 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
+    let mut ready = Some(ready);
     loop {
         reconcile_once(&pi, &rc, backend.as_mut(), &status).await;
+        // Ready once prepared and reconciled against the first full snapshot.
+        if let Some(r) = ready.take() {
+            r.ready();
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
