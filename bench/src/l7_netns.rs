@@ -297,7 +297,7 @@ fn fixed_rate(
         if via_waypoint { "L7" } else { "L4" },
         proto.name()
     );
-    let out = in_netns(client_ns, move || {
+    in_netns(client_ns, move || {
         let run = || -> Result<Measured> {
             let mut c = Client::connect(proto, dst, size)
                 .with_context(|| format!("connecting the {what} client"))?;
@@ -329,15 +329,14 @@ fn fixed_rate(
         };
         Ok(run())
     })
-    .context("running the client in the pod netns")?;
-    out
+    .context("running the client in the pod netns")?
 }
 
 /// Closed loop through the waypoint for `secs`: `(requests completed, seconds)`.
 fn max_rate(client_ns: &str, proto: Proto, args: &L7Args) -> Result<(u64, f64)> {
     let (secs, conc, size) = (args.max_secs, args.max_concurrency, args.size);
     let dst = SocketAddr::from((VIP, PORT));
-    let out = in_netns(client_ns, move || {
+    in_netns(client_ns, move || {
         let run = || -> Result<(u64, f64)> {
             // Two client threads' worth of work on a multi-threaded runtime: the client must
             // not be what limits the rate (it shares the machine with the proxies).
@@ -379,8 +378,7 @@ fn max_rate(client_ns: &str, proto: Proto, args: &L7Args) -> Result<(u64, f64)> 
         };
         Ok(run())
     })
-    .context("running the client in the pod netns")?;
-    out
+    .context("running the client in the pod netns")?
 }
 
 /// Start `http-sink` (this binary) in the server pod.
