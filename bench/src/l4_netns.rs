@@ -8,8 +8,6 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -117,40 +115,9 @@ pub struct NetnsMeta {
     pub total_secs: f64,
 }
 
-fn round(v: f64, digits: i32) -> f64 {
+pub(crate) fn round(v: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
     (v * m).round() / m
-}
-
-/// Peak VmRSS of some processes, sampled every 200 ms on a thread until stopped.
-struct RssSampler {
-    stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Vec<f64>>,
-}
-
-impl RssSampler {
-    fn start(pids: Vec<u32>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut peak = vec![0.0f64; pids.len()];
-            while !s.load(Ordering::Relaxed) {
-                for (p, pid) in peak.iter_mut().zip(&pids) {
-                    if let Ok(v) = sys::rss_mb(*pid) {
-                        *p = p.max(v);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            peak
-        });
-        RssSampler { stop, handle }
-    }
-
-    fn finish(self) -> Vec<f64> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap_or_default()
-    }
 }
 
 /// What one path's measurements give.
@@ -194,12 +161,12 @@ fn measure(
             let sampler = std::cell::RefCell::new(None);
             let rr = phases::request_response(path, echo, rate, rdur, warm, size, &mut || {
                 rr_c0 = cpu_pair(zt);
-                *sampler.borrow_mut() = Some(RssSampler::start(zt.to_vec()));
+                *sampler.borrow_mut() = Some(sys::RssSampler::start(zt.to_vec()));
             })?;
             let rr_c1 = cpu_pair(zt);
             let rr_rss_peak = sampler
                 .into_inner()
-                .map(RssSampler::finish)
+                .map(sys::RssSampler::finish)
                 .unwrap_or_default();
             Ok(PathResult {
                 tput,

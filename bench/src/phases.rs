@@ -147,21 +147,36 @@ pub fn request_response(
     size: usize,
     measuring: &mut dyn FnMut(),
 ) -> Result<RequestResponse> {
-    crate::sys::set_timer_slack_ns(1_000);
     let mut s = client::connect(path, CLIENT_IP, dst)
         .with_context(|| format!("opening the {} request/response connection", path.name()))?;
-    let period = Duration::from_secs_f64(1.0 / rate);
     let req = vec![0x5au8; size];
     let mut resp = vec![0u8; size];
+    request_response_with(path.name(), rate, dur, warmup, measuring, &mut || {
+        client::round_trip(&mut s, &req, &mut resp)
+    })
+}
+
+/// [`request_response`] with any round trip (an HTTP request, ...): `round_trip` is called at
+/// the fixed rate and must return once the response is complete.
+pub fn request_response_with(
+    what: &str,
+    rate: f64,
+    dur: Duration,
+    warmup: Duration,
+    measuring: &mut dyn FnMut(),
+    round_trip: &mut dyn FnMut() -> io::Result<()>,
+) -> Result<RequestResponse> {
+    crate::sys::set_timer_slack_ns(1_000);
+    let period = Duration::from_secs_f64(1.0 / rate);
     let warm_n = (warmup.as_secs_f64() * rate) as usize;
-    paced(&mut s, period, warm_n, &req, &mut resp, None)
-        .with_context(|| format!("{} request/response warm-up", path.name()))?;
+    paced(period, warm_n, None, round_trip)
+        .with_context(|| format!("{what} request/response warm-up"))?;
     let n = ((dur.as_secs_f64() * rate) as usize).max(1);
     let mut lat = Vec::with_capacity(n);
     measuring();
     let started = Instant::now();
-    let behind = paced(&mut s, period, n, &req, &mut resp, Some(&mut lat))
-        .with_context(|| format!("{} request/response", path.name()))?;
+    let behind = paced(period, n, Some(&mut lat), round_trip)
+        .with_context(|| format!("{what} request/response"))?;
     let elapsed = started.elapsed().as_secs_f64();
     let latency = Latency::from_ns(lat).ok_or_else(|| anyhow!("no requests recorded"))?;
     Ok(RequestResponse {
@@ -173,12 +188,10 @@ pub fn request_response(
 
 /// `n` round trips, the i-th due at `start + i * period`; returns how many were behind.
 fn paced(
-    s: &mut TcpStream,
     period: Duration,
     n: usize,
-    req: &[u8],
-    resp: &mut [u8],
     mut record: Option<&mut Vec<u64>>,
+    round_trip: &mut dyn FnMut() -> io::Result<()>,
 ) -> io::Result<usize> {
     let start = Instant::now();
     let mut prev_done = start;
@@ -195,7 +208,7 @@ fn paced(
             }
             Instant::now()
         };
-        client::round_trip(s, req, resp)?;
+        round_trip()?;
         prev_done = Instant::now();
         if let Some(r) = record.as_deref_mut() {
             r.push(prev_done.duration_since(t0).as_nanos() as u64);

@@ -2,7 +2,9 @@
 
 use std::io;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 
@@ -225,5 +227,36 @@ impl Machine {
                 .map(|x| format!("{x:.0}"))
                 .unwrap_or_else(|| "-".into()),
         )
+    }
+}
+
+/// Peak VmRSS of some processes, sampled every 200 ms on a thread until stopped.
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<f64>>,
+}
+
+impl RssSampler {
+    pub fn start(pids: Vec<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = vec![0.0f64; pids.len()];
+            while !s.load(Ordering::Relaxed) {
+                for (p, pid) in peak.iter_mut().zip(&pids) {
+                    if let Ok(v) = rss_mb(*pid) {
+                        *p = p.max(v);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            peak
+        });
+        RssSampler { stop, handle }
+    }
+
+    pub fn finish(self) -> Vec<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or_default()
     }
 }

@@ -6,13 +6,14 @@
 //!   of its pods are enrolled), `10-pods.yaml` (Pods with `spec.nodeName`,
 //!   `spec.serviceAccountName`, `status.podIP`, labels `app`/`version`, a per-pod
 //!   `istio.io/dataplane-mode` label only when the pod differs from its namespace),
-//!   `20-services.yaml` (Services with a selector), `30-policies.yaml` (the mesh-wide
+//!   `20-services.yaml` (Services with a selector), `25-waypoints.yaml` (waypoint Gateways
+//!   and their Services, see [`crate::WaypointSpec`]), `30-policies.yaml` (the mesh-wide
 //!   PeerAuthentication and [`MeshDesc::k8s_objects`]). Only files whose content changed are
 //!   rewritten (write + rename); the controller polls the directory every second.
 //! - One bootstrap token per node in `nodes/node<i>.token`; the controller generates its CA
 //!   root in `ca/` on first start.
 //! - The controller runs in the fabric netns on 10.254.0.254 (an address added to the bridge,
-//!   on the nodes' /24), TLS xDS + CA on 15012, metrics on 15014, plaintext xDS off. Every
+//!   on the nodes' /24, with routes to each node's pod /24 so waypoint pods reach it), TLS xDS + CA on 15012, metrics on 15014, plaintext xDS off. Every
 //!   ztunnel runs with `--xds-address https://10.254.0.254:15012 --ca-address ... --token-file
 //!   nodes/node<i>.token --xds-root-cert ca/root-cert.pem`.
 
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::waypoint::is_waypoint_pod;
 use crate::{
     HarnessError, MeshConfigSource, MeshDesc, Proc, Result, SourceEnv, command_in, in_netns, ip,
     package_bin,
@@ -68,6 +70,11 @@ impl ControllerSource {
         })
     }
 
+    /// Node `node`'s bootstrap token file (its ztunnel and the waypoints on it use it).
+    pub fn token_file(&self, node: usize) -> PathBuf {
+        Self::token_path(&self.config_dir, node)
+    }
+
     fn token_path(config_dir: &Path, node: usize) -> PathBuf {
         config_dir
             .join("nodes")
@@ -93,24 +100,31 @@ impl ControllerSource {
                     .into(),
             ));
         }
-        // A namespace is ambient when it has pods and all of them are enrolled.
+        // A namespace is ambient when it has pods and all of them are enrolled (its waypoints'
+        // pods aside: they are never captured, as in Istio).
         let mut namespaces: BTreeMap<&str, bool> = BTreeMap::new();
         for p in &mesh.pods {
             let e = namespaces.entry(p.namespace.as_str()).or_insert(true);
-            *e &= p.enrolled;
+            *e &= p.enrolled || is_waypoint_pod(p);
         }
         for s in &mesh.services {
             namespaces.entry(s.namespace.as_str()).or_insert(false);
         }
+        for ns in mesh.namespace_labels.keys() {
+            namespaces.entry(ns.as_str()).or_insert(false);
+        }
+        let no_labels = BTreeMap::new();
         let mut ns_yaml = Vec::new();
         for (ns, ambient) in &namespaces {
-            let labels = if *ambient {
-                format!("\n  labels:\n    {DATAPLANE_MODE}: ambient")
-            } else {
-                String::new()
-            };
+            let mut labels = Vec::new();
+            if *ambient {
+                labels.push((DATAPLANE_MODE.to_string(), "ambient".to_string()));
+            }
+            let extra = mesh.namespace_labels.get(*ns).unwrap_or(&no_labels);
+            labels.extend(extra.iter().map(|(k, v)| (k.clone(), format!("{v:?}"))));
             ns_yaml.push(format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{labels}\n"
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{}\n",
+                labels_yaml(&labels)
             ));
         }
         let mut pods_yaml = Vec::new();
@@ -127,6 +141,7 @@ impl ControllerSource {
             for s in mesh.services.iter().filter(|s| s.pods.contains(&p.name)) {
                 labels.push((service_label(&s.name), "\"true\"".into()));
             }
+            labels.extend(p.labels.iter().map(|(k, v)| (k.clone(), format!("{v:?}"))));
             let labels: Vec<String> = labels
                 .iter()
                 .map(|(k, v)| format!("    {k}: {v}"))
@@ -144,12 +159,21 @@ impl ControllerSource {
         }
         let mut svc_yaml = Vec::new();
         for s in &mesh.services {
+            let extra = mesh
+                .service_labels
+                .get(&format!("{}/{}", s.namespace, s.name))
+                .unwrap_or(&no_labels);
+            let labels: Vec<(String, String)> = extra
+                .iter()
+                .map(|(k, v)| (k.clone(), format!("{v:?}")))
+                .collect();
             svc_yaml.push(format!(
-                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\n\
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}{}\n\
                  spec:\n  clusterIP: {}\n  selector:\n    {}: \"true\"\n  ports:\n  - name: tcp-{}\n    \
                  port: {}\n    targetPort: {}\n    protocol: TCP\n",
                 s.name,
                 s.namespace,
+                labels_yaml(&labels),
                 s.vip,
                 service_label(&s.name),
                 s.port,
@@ -176,6 +200,10 @@ impl ControllerSource {
             ("00-namespaces.yaml".to_string(), join(ns_yaml)),
             ("10-pods.yaml".to_string(), join(pods_yaml)),
             ("20-services.yaml".to_string(), join(svc_yaml)),
+            (
+                "25-waypoints.yaml".to_string(),
+                join(mesh.waypoints.iter().flat_map(|w| w.k8s_yaml()).collect()),
+            ),
             ("30-policies.yaml".to_string(), join(policy_yaml)),
         ]))
     }
@@ -208,6 +236,18 @@ impl ControllerSource {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// `\n  labels:\n    k: v...` (values already YAML scalars), or nothing.
+fn labels_yaml(labels: &[(String, String)]) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let lines: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("    {k}: {v}"))
+        .collect();
+    format!("\n  labels:\n{}", lines.join("\n"))
 }
 
 /// Label key a Service selects its pods by.
@@ -277,6 +317,23 @@ impl MeshConfigSource for ControllerSource {
     fn start(&mut self, env: &SourceEnv<'_>) -> Result<()> {
         let cidr = format!("{}/24", Self::ADDRESS);
         ip(&["-n", env.fabric_ns, "addr", "add", &cidr, "dev", "br0"])?;
+        // Pods reach the controller too (waypoints get their config and certificate from
+        // it, as in a cluster): route replies to each node's pod range via that node.
+        for k in 0..env.nodes {
+            let net = format!("10.20.{k}.0/24");
+            let via = crate::Cluster::node_ip(k).to_string();
+            ip(&[
+                "-n",
+                env.fabric_ns,
+                "route",
+                "add",
+                &net,
+                "via",
+                &via,
+                "dev",
+                "br0",
+            ])?;
+        }
         let bin = package_bin("zmesh-controller", "zmesh-controller")?;
         let out = File::create(&self.log)?;
         let err = out.try_clone()?;

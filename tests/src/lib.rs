@@ -25,7 +25,13 @@
 //!   `$CARGO build -p <package> --bin <bin>` first when missing ([`package_bin`]).
 
 mod controller_source;
+mod http1;
+mod waypoint;
 pub use controller_source::ControllerSource;
+pub use http1::{HttpResponse, http1_request, read_response};
+pub use waypoint::{GATEWAY_NAME_LABEL, USE_WAYPOINT, WaypointSpec, http_get_in};
+
+use std::collections::BTreeMap;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -186,6 +192,35 @@ pub fn command_in(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Co
     Ok(cmd)
 }
 
+/// One HTTP/1.1 request (`request` = `"GET /path"`) from inside netns `ns` (a pod's, see
+/// [`Cluster::pod_ns`]; usable from any thread) to `dst` on a fresh connection (`connection:
+/// close`); connect, send and every read are bounded by `timeout`.
+pub fn http_in(
+    ns: &str,
+    dst: SocketAddr,
+    request: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<HttpResponse> {
+    let (method, path) = request.split_once(' ').unwrap_or(("GET", request));
+    let mut s = connect_in(ns, dst, timeout)?;
+    let mut h = headers.to_vec();
+    h.push(("connection", "close"));
+    http1_request(&mut s, method, path, host, &h)
+}
+
+/// A TCP connection from inside netns `ns` to `dst` (connect, read and write bounded by
+/// `timeout`); the socket stays in that netns whatever thread uses it.
+pub fn connect_in(ns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    in_netns(ns, move || {
+        let s = TcpStream::connect_timeout(&dst, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        Ok(s)
+    })
+}
+
 /// Path of a binary built in this target dir (`target/<profile>/<name>`).
 pub fn target_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -235,6 +270,8 @@ pub struct PodSpec {
     /// In the mesh (`protocol: HBONE`): captured by its node's ztunnel.
     pub enrolled: bool,
     pub version: String,
+    /// Extra labels (controller source), e.g. a waypoint pod's `gateway-name`.
+    pub labels: Vec<(String, String)>,
     /// Filled in by the builder.
     pub ip: Ipv4Addr,
 }
@@ -248,6 +285,7 @@ impl PodSpec {
             node,
             enrolled,
             version: "v1".into(),
+            labels: Vec::new(),
             ip: Ipv4Addr::UNSPECIFIED,
         }
     }
@@ -287,6 +325,13 @@ pub struct MeshDesc {
     /// Kubernetes YAML documents (AuthorizationPolicy, ...) for the [`ControllerSource`]'s
     /// directory; the local-file source does not read them (it has [`MeshDesc::policies`]).
     pub k8s_objects: Vec<String>,
+    /// Waypoints (controller source only): Gateway + Service in the controller's directory,
+    /// their pods in [`MeshDesc::pods`] (see [`WaypointSpec`]).
+    pub waypoints: Vec<WaypointSpec>,
+    /// Extra labels of Namespaces (e.g. `istio.io/use-waypoint`), by namespace name.
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Extra labels of Services, by `namespace/name`.
+    pub service_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl MeshDesc {
@@ -466,6 +511,24 @@ impl ClusterBuilder {
         self.mesh.k8s_objects.push(yaml.into());
         self
     }
+    /// A waypoint `name` for `namespace` whose pod runs on `node` (controller source; the
+    /// process is started with the cluster, see [`WaypointSpec`]). Namespaces and services
+    /// use it once labelled `istio.io/use-waypoint` ([`ClusterBuilder::namespace_label`]).
+    pub fn waypoint(mut self, name: &str, namespace: &str, node: usize) -> Self {
+        let wp = WaypointSpec::new(name, namespace, node);
+        self.mesh.pods.push(wp.pod());
+        self.mesh.waypoints.push(wp);
+        self
+    }
+    /// A label on Namespace `namespace` (controller source).
+    pub fn namespace_label(mut self, namespace: &str, key: &str, value: &str) -> Self {
+        self.mesh
+            .namespace_labels
+            .entry(namespace.into())
+            .or_default()
+            .insert(key.into(), value.into());
+        self
+    }
     /// Feed the ztunnels from `zmesh-controller` (Delta ADS + CA) instead of a local file.
     pub fn controller(mut self) -> Self {
         self.source = SourceKind::Controller;
@@ -507,6 +570,9 @@ pub struct Cluster {
     ztunnels: Vec<Option<Proc>>,
     apps: Vec<Proc>,
     restarts: u32,
+    /// Running waypoints by name ([`Cluster::start_waypoint`]).
+    waypoints: Vec<(String, Proc)>,
+    waypoint_starts: u32,
 }
 
 impl Cluster {
@@ -545,6 +611,13 @@ impl Cluster {
     }
 
     fn create(mut mesh: MeshDesc, kind: SourceKind) -> Result<Cluster> {
+        if !mesh.waypoints.is_empty() && kind != SourceKind::Controller {
+            return Err(HarnessError::Other(
+                "waypoints get their identity and config from the controller: use \
+                 Cluster::builder().controller()"
+                    .into(),
+            ));
+        }
         cleanup_stale(PREFIX_ROOT);
         let prefix = format!(
             "{PREFIX_ROOT}{}x{}",
@@ -572,6 +645,8 @@ impl Cluster {
             ztunnels: Vec::new(),
             apps: Vec::new(),
             restarts: 0,
+            waypoints: Vec::new(),
+            waypoint_starts: 0,
         };
         c.create_network()?;
         let mesh = c.mesh.clone();
@@ -588,6 +663,10 @@ impl Cluster {
         }
         for i in 0..c.mesh.nodes {
             c.wait_ztunnel_ready(i, Duration::from_secs(30))?;
+        }
+        let names: Vec<String> = c.mesh.waypoints.iter().map(|w| w.name.clone()).collect();
+        for name in names {
+            c.start_waypoint(&name)?;
         }
         Ok(c)
     }
@@ -750,24 +829,8 @@ impl Cluster {
 
     /// `GET path` on node `i`'s admin port (127.0.0.1:15000 inside the node netns).
     pub fn admin_get(&self, i: usize, path: &str) -> io::Result<String> {
-        let path = path.to_string();
-        in_netns(&self.node_ns(i), move || {
-            let mut s = TcpStream::connect_timeout(
-                &SocketAddr::from(([127, 0, 0, 1], 15000)),
-                Duration::from_secs(2),
-            )?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or(out))
-        })
+        let addr = SocketAddr::from(([127, 0, 0, 1], 15000));
+        Ok(http_get_in(&self.node_ns(i), addr, path)?.body)
     }
 
     /// ztunnel's `/config_dump` as JSON.
@@ -869,6 +932,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// The log (stdout + stderr) of sample app `bin` in pod `pod`.
+    pub fn app_log(&self, pod: &str, bin: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{pod}-{bin}.log"))).unwrap_or_default()
+    }
+
+    /// One HTTP/1.1 request from pod `from`: see [`http_in`].
+    pub fn http(
+        &self,
+        from: &str,
+        dst: SocketAddr,
+        request: &str,
+        host: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> io::Result<HttpResponse> {
+        http_in(&self.pod_ns(from), dst, request, host, headers, timeout)
+    }
+
     /// Start the TCP echo (`<version> <line>`) in pod `name` on `port`, and wait for it.
     pub fn start_tcp_echo(&mut self, pod: &str, port: u16) -> Result<()> {
         let version = self.pod(pod).version.clone();
@@ -921,12 +1002,7 @@ impl Cluster {
 
     /// Connect from pod `from` to `dst` (the socket is created inside the pod netns).
     pub fn connect(&self, from: &str, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-        in_netns(&self.pod_ns(from), move || {
-            let s = TcpStream::connect_timeout(&dst, timeout)?;
-            s.set_read_timeout(Some(timeout))?;
-            s.set_write_timeout(Some(timeout))?;
-            Ok(s)
-        })
+        connect_in(&self.pod_ns(from), dst, timeout)
     }
 
     /// Send one line from pod `from` to a TCP echo at `dst`, return the reply line.
@@ -1015,6 +1091,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.apps.clear();
+        self.waypoints.clear();
         for z in &mut self.ztunnels {
             if let Some(mut p) = z.take() {
                 p.kill();
@@ -1057,6 +1134,21 @@ impl Capture {
         self.proc.kill();
         Ok(std::fs::read(&self.file)?)
     }
+}
+
+/// Sum of the samples of `metric` in a Prometheus text exposition whose labels include all
+/// of `labels` (0 when none does).
+pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let prefix = format!("{metric}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Remove ANSI colour sequences (`ESC [ ... m`).

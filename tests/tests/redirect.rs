@@ -440,23 +440,22 @@ fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// `GET path` from a pod; Ok(body) on 200, Err(status line) otherwise.
+/// `GET path` from a pod; Ok(body) on 200, Err(status) otherwise.
 fn http_get(c: &Cluster, from: &str, dst: SocketAddr, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut s = c.connect(from, dst, T).map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: reviews\r\nX-Zmesh-Test: yes\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    let (head, body) = out.split_once("\r\n\r\n").ok_or(out.clone())?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.starts_with("HTTP/1.1 200") {
-        Ok(body.to_string())
+    let r = c
+        .http(
+            from,
+            dst,
+            &format!("GET {path}"),
+            "reviews",
+            &[("x-zmesh-test", "yes")],
+            T,
+        )
+        .map_err(|e| e.to_string())?;
+    if r.status == 200 {
+        Ok(r.body)
     } else {
-        Err(status.to_string())
+        Err(format!("HTTP/1.1 {}", r.status))
     }
 }
 

@@ -5,9 +5,10 @@
 //! Connection-pool model (Envoy's, simplified): an upstream HTTP connection is "busy" while a
 //! request/response is on it; `maxConnections` bounds busy connections; a request that finds
 //! none free waits in a pending queue of at most `http1MaxPendingRequests`, beyond which it is
-//! answered 503 with flag `UO`. A connection that reached `maxRequestsPerConnection` keeps its
-//! slot until it has actually closed (as Envoy counts it), which is why two callers against one
-//! connection already overflow now and then.
+//! answered 503 with flag `UO`; a request that queued stays pending until it is bound to a
+//! ready connection (a new one counts once connected). A connection that reached
+//! `maxRequestsPerConnection` keeps its slot until it has actually closed (as Envoy counts it):
+//! together, why two callers against one connection already overflow now and then.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -437,7 +438,7 @@ impl Upstreams {
     ) -> Result<(Option<OwnedSemaphorePermit>, ActiveRqGuard), UpstreamError> {
         let pool = cluster.policy.pool.unwrap_or_default();
         let prev = cluster.active_rq.fetch_add(1, Ordering::AcqRel);
-        let guard = ActiveRqGuard(Some(ActiveRq(cluster.clone())));
+        let mut guard = ActiveRqGuard(Some(ActiveRq(cluster.clone())), None);
         if pool.http2_max_requests > 0 && prev >= pool.http2_max_requests {
             cluster
                 .stats
@@ -462,11 +463,15 @@ impl Upstreams {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(UpstreamError::Overflow);
         }
+        let pending = Pending(cluster.clone());
         let r = tokio::time::timeout(self.cfg.pending_timeout, sem.clone().acquire_owned()).await;
-        cluster.pending.fetch_sub(1, Ordering::AcqRel);
         match r {
-            Ok(Ok(p)) => Ok((Some(p), guard)),
+            Ok(Ok(p)) => {
+                guard.1 = Some(pending);
+                Ok((Some(p), guard))
+            }
             _ => {
+                drop(pending);
                 cluster
                     .stats
                     .pending_overflow
@@ -599,6 +604,8 @@ impl Upstreams {
             Some(c) => c,
             None => self.open(cluster, ep, h2, tunnel_headers).await?,
         };
+        // Bound to a ready connection: no longer pending.
+        rq.1 = None;
         cluster.track_active(&ep.workload.uid, 1);
         let lease = Lease {
             cluster: cluster.clone(),
@@ -645,5 +652,18 @@ impl Upstreams {
     }
 }
 
-/// Counts a request as active in its cluster until it is done.
-pub struct ActiveRqGuard(Option<ActiveRq>);
+/// Counts a request as active in its cluster until it is done, and as pending until it has a
+/// ready connection when it had to queue.
+pub struct ActiveRqGuard(Option<ActiveRq>, Option<Pending>);
+
+/// A request in its cluster's pending queue. Like Envoy, a request that queued stays pending
+/// until it is bound to a ready connection (a new one counts once connected), not merely until
+/// a connection slot frees up: that is what makes two callers against `maxConnections: 1`,
+/// `http1MaxPendingRequests: 1` overflow now and then (the seeds' fortio `-c 2` run).
+struct Pending(Arc<Cluster>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}

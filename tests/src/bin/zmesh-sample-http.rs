@@ -1,6 +1,7 @@
 //! Sample HTTP service (enough for Bookinfo-like roles): `GET /` returns
 //! `{"service":..,"version":..,"headers":{..}}`, `/status/<code>` answers with that status,
-//! `/delay/<ms>` waits first. HTTP/1.1, one request per connection.
+//! `/delay/<ms>` waits first. HTTP/1.1, one request per connection. Each request is logged
+//! on stdout (`request GET / HTTP/1.1 host=... x-request-id=...`).
 //!
 //! `zmesh-sample-http --port 8080 --service reviews --version v2` (or `PORT`, `SERVICE`,
 //! `VERSION` env).
@@ -43,6 +44,14 @@ fn serve(conn: TcpStream, service: &str, version: &str) -> std::io::Result<()> {
         .nth(1)
         .unwrap_or("/")
         .to_string();
+    // One line per request on stdout: scenarios read it to see what reached this pod (a
+    // mirrored copy's Host, requests that must not have arrived).
+    println!(
+        "request {} host={} x-request-id={}",
+        request_line.trim_end(),
+        headers.get("host").map_or("-", String::as_str),
+        headers.get("x-request-id").map_or("-", String::as_str)
+    );
     let mut status = 200u16;
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse().unwrap_or(400);
