@@ -191,6 +191,27 @@ impl H2Stream {
         }
     }
 
+    /// Half-close our direction. A peer that already reset the stream (it finished and
+    /// dropped its side: CANCEL or NO_ERROR) needs no END_STREAM — and h2 would refuse one
+    /// with "inactive stream", which is not a failure of the connection.
+    fn poll_close_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_closed
+            && let Poll::Ready(r) = self.send.poll_reset(cx)
+        {
+            self.write_closed = true;
+            return Poll::Ready(match r {
+                Ok(Reason::NO_ERROR | Reason::CANCEL) => Ok(()),
+                Ok(reason) => Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    format!("HBONE stream reset by the peer: {reason}"),
+                )),
+                Err(e) if is_graceful(&e) => Ok(()),
+                Err(e) => Err(h2_io_error(e)),
+            });
+        }
+        Poll::Ready(self.close_write())
+    }
+
     fn close_write(&mut self) -> io::Result<()> {
         if self.write_closed {
             return Ok(());
@@ -229,8 +250,8 @@ impl BytesStream for H2Stream {
         self.poll_send(cx, data)
     }
 
-    fn poll_shutdown_write(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.close_write())
+    fn poll_shutdown_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_close_write(cx)
     }
 }
 
@@ -288,8 +309,8 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.get_mut().close_write())
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_close_write(cx)
     }
 }
 
@@ -342,5 +363,58 @@ impl HboneError {
             HboneError::Status { status, .. } if status.as_u16() == 401 => "DENY",
             _ => "CONNECT",
         }
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A peer that answers, sends its data and then resets the stream (as an HTTP/2 server
+    /// does once it is done with a request): our half-close afterwards is not an error, and
+    /// what it sent before the reset is still read.
+    #[tokio::test]
+    async fn half_close_after_the_peer_reset_is_clean() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (read_done, reset_now) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(b).await.unwrap();
+            let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            send.send_data(Bytes::from_static(b"bye"), true).unwrap();
+            tokio::spawn(async move {
+                let _ = reset_now.await;
+                send.send_reset(Reason::CANCEL);
+            });
+            // Keep the connection driven until the client is done.
+            while let Some(r) = conn.accept().await {
+                drop(r);
+            }
+        });
+        let (client, conn) = h2::client::handshake(a).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::connect("127.0.0.1:80").body(()).unwrap();
+        let (resp, send) = client.send_request(req, false).unwrap();
+        let recv = resp.await.unwrap().into_body();
+        let mut stream = H2Stream::new(send, recv, None);
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(got, b"bye");
+        // The peer is done and resets the stream before we half-close.
+        read_done.send(()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stream
+            .shutdown()
+            .await
+            .expect("half-close after a peer reset");
+        drop(stream);
+        drop(client);
+        server.abort();
     }
 }
