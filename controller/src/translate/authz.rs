@@ -44,10 +44,18 @@ const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// A pod as policy binding sees it: where it is and its labels.
 #[derive(Clone, Debug)]
-struct PodRef {
-    namespace: String,
-    name: String,
-    labels: Labels,
+struct PodRef(std::sync::Arc<k8s::Pod>);
+
+impl PodRef {
+    fn namespace(&self) -> &str {
+        &self.0.metadata.namespace
+    }
+    fn name(&self) -> &str {
+        &self.0.metadata.name
+    }
+    fn labels(&self) -> &Labels {
+        &self.0.metadata.labels
+    }
 }
 
 /// The pods, indexed by namespace: a selector policy only looks at its own namespace's pods
@@ -61,7 +69,10 @@ impl Pods {
     fn new(all: Vec<PodRef>) -> Pods {
         let mut by_namespace: std::collections::HashMap<String, Vec<usize>> = Default::default();
         for (i, p) in all.iter().enumerate() {
-            by_namespace.entry(p.namespace.clone()).or_default().push(i);
+            by_namespace
+                .entry(p.namespace().to_string())
+                .or_default()
+                .push(i);
         }
         Pods { all, by_namespace }
     }
@@ -97,7 +108,7 @@ pub struct Compiled {
 impl Compiled {
     fn bind(&mut self, pod: &PodRef, key: &str) {
         self.bindings
-            .entry((pod.namespace.clone(), pod.name.clone()))
+            .entry((pod.namespace().to_string(), pod.name().to_string()))
             .or_default()
             .insert(key.to_string());
     }
@@ -123,11 +134,7 @@ pub fn compile(snap: &Snapshot, opts: &TranslateOptions) -> Compiled {
     let pods = Pods::new(
         snap.parsed_of_kind::<k8s::Pod>("Pod")
             .filter_map(|(_, p)| p.ok())
-            .map(|p| PodRef {
-                namespace: p.metadata.namespace.clone(),
-                name: p.metadata.name.clone(),
-                labels: p.metadata.labels.clone(),
-            })
+            .map(PodRef)
             .collect(),
     );
     let mut c = Compiled::default();
@@ -157,7 +164,7 @@ fn authorization_policies(snap: &Snapshot, opts: &TranslateOptions, pods: &Pods,
                     let everywhere = key.namespace == opts.root_namespace;
                     for pod in pods
                         .in_scope(&key.namespace, everywhere)
-                        .filter(|p| k8s::selector_matches(&selector, &p.labels))
+                        .filter(|p| k8s::selector_matches(&selector, p.labels()))
                     {
                         c.bind(pod, &name);
                     }
@@ -670,15 +677,15 @@ fn peer_authentications(snap: &Snapshot, opts: &TranslateOptions, pods: &Pods, c
     let mut decided_by: BTreeMap<ObjectKey, Vec<&PodRef>> = BTreeMap::new();
     for pod in &pods.all {
         let own = workload_level.iter().find(|pa| {
-            pa.key.namespace == pod.namespace
+            pa.key.namespace == pod.namespace()
                 && k8s::selector_matches(
                     pa.selector.as_ref().unwrap_or(&Labels::new()),
-                    &pod.labels,
+                    pod.labels(),
                 )
         });
         let decider = match own {
             Some(pa) if pa.mode != Mode::Unset || !pa.ports.is_empty() => Some(*pa),
-            _ => inherited(&pod.namespace).1,
+            _ => inherited(pod.namespace()).1,
         };
         if let Some(pa) = decider {
             decided_by.entry(pa.key.clone()).or_default().push(pod);

@@ -55,27 +55,27 @@ pub fn service_hostname(name: &str, namespace: &str) -> String {
 }
 
 /// Parsed objects of a snapshot, indexed for the joins below.
-struct Index {
-    namespaces: BTreeMap<String, Arc<k8s::Namespace>>,
-    pods: Vec<(ObjectKey, Arc<k8s::Pod>)>,
+struct Index<'a> {
+    namespaces: BTreeMap<&'a str, Arc<k8s::Namespace>>,
+    pods: Vec<(&'a ObjectKey, Arc<k8s::Pod>)>,
     /// Namespace → indexes into `pods` (selectors never cross namespaces).
     pods_by_namespace: HashMap<String, Vec<usize>>,
-    services: Vec<(ObjectKey, Arc<k8s::Service>)>,
+    services: Vec<(&'a ObjectKey, Arc<k8s::Service>)>,
     /// (namespace, name) → index into `services`.
-    services_by_name: HashMap<(String, String), usize>,
-    slices: Vec<(ObjectKey, Arc<k8s::EndpointSlice>)>,
-    service_entries: Vec<(ObjectKey, Arc<k8s::ServiceEntry>)>,
+    services_by_name: HashMap<(&'a str, &'a str), usize>,
+    slices: Vec<(&'a ObjectKey, Arc<k8s::EndpointSlice>)>,
+    service_entries: Vec<(&'a ObjectKey, Arc<k8s::ServiceEntry>)>,
     gateways: BTreeMap<(String, String), Arc<k8s::Gateway>>,
 }
 
-fn parse_all<T: serde::de::DeserializeOwned + Send + Sync + 'static>(
-    snap: &Snapshot,
-    kind: &str,
+fn parse_all<'a, T: serde::de::DeserializeOwned + Send + Sync + 'static>(
+    snap: &'a Snapshot,
+    kind: &'a str,
     out: &mut Translated,
-) -> Vec<(ObjectKey, Arc<T>)> {
+) -> Vec<(&'a ObjectKey, Arc<T>)> {
     snap.parsed_of_kind::<T>(kind)
         .filter_map(|(key, parsed)| match parsed {
-            Ok(v) => Some((key.clone(), v)),
+            Ok(v) => Some((key, v)),
             Err(e) => {
                 tracing::error!(object = %key, field = %e.field, reason = %e.reason, "object skipped");
                 out.error(key, e.field, e.reason);
@@ -85,9 +85,9 @@ fn parse_all<T: serde::de::DeserializeOwned + Send + Sync + 'static>(
         .collect()
 }
 
-impl Index {
-    fn build(snap: &Snapshot, out: &mut Translated) -> Index {
-        let pods: Vec<(ObjectKey, Arc<k8s::Pod>)> = parse_all(snap, "Pod", out);
+impl<'a> Index<'a> {
+    fn build(snap: &'a Snapshot, out: &mut Translated) -> Index<'a> {
+        let pods: Vec<(&'a ObjectKey, Arc<k8s::Pod>)> = parse_all(snap, "Pod", out);
         let mut pods_by_namespace: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, (k, _)) in pods.iter().enumerate() {
             pods_by_namespace
@@ -95,16 +95,16 @@ impl Index {
                 .or_default()
                 .push(i);
         }
-        let services: Vec<(ObjectKey, Arc<k8s::Service>)> = parse_all(snap, "Service", out);
+        let services: Vec<(&'a ObjectKey, Arc<k8s::Service>)> = parse_all(snap, "Service", out);
         let services_by_name = services
             .iter()
             .enumerate()
-            .map(|(i, (k, _))| ((k.namespace.clone(), k.name.clone()), i))
+            .map(|(i, (k, _))| ((k.namespace.as_str(), k.name.as_str()), i))
             .collect();
         Index {
             namespaces: parse_all::<k8s::Namespace>(snap, "Namespace", out)
                 .into_iter()
-                .map(|(k, v)| (k.name, v))
+                .map(|(k, v)| (k.name.as_str(), v))
                 .collect(),
             pods,
             pods_by_namespace,
@@ -114,7 +114,7 @@ impl Index {
             service_entries: parse_all(snap, "ServiceEntry", out),
             gateways: parse_all::<k8s::Gateway>(snap, "Gateway", out)
                 .into_iter()
-                .map(|(k, v)| ((k.namespace, k.name), v))
+                .map(|(k, v)| ((k.namespace.clone(), k.name.clone()), v))
                 .collect(),
         }
     }
@@ -124,17 +124,15 @@ impl Index {
     }
 
     fn service(&self, ns: &str, name: &str) -> Option<&k8s::Service> {
-        let i = *self
-            .services_by_name
-            .get(&(ns.to_string(), name.to_string()))?;
+        let i = *self.services_by_name.get(&(ns, name))?;
         Some(&self.services[i].1)
     }
 
     /// Pods of one namespace, in key order.
-    fn pods_in<'a>(
-        &'a self,
+    fn pods_in<'s>(
+        &'s self,
         ns: &str,
-    ) -> impl Iterator<Item = &'a (ObjectKey, Arc<k8s::Pod>)> + 'a {
+    ) -> impl Iterator<Item = &'s (&'a ObjectKey, Arc<k8s::Pod>)> + 's {
         self.pods_by_namespace
             .get(ns)
             .into_iter()
@@ -150,7 +148,7 @@ enum WaypointUser {
     Workload,
 }
 
-impl Index {
+impl Index<'_> {
     /// The waypoint an object uses (see the module docs for the rules).
     fn waypoint(
         &self,
@@ -499,10 +497,8 @@ fn endpoint_slices(
     extra: &mut BTreeMap<String, pb::Workload>,
 ) {
     let pod_by_ip: HashMap<String, &ObjectKey> = idx
-        .pods
-        .iter()
-        .filter(|(k, _)| k.namespace == key.namespace)
-        .flat_map(|(k, p)| pod_ips(p).into_iter().map(move |ip| (ip.to_string(), k)))
+        .pods_in(&key.namespace)
+        .flat_map(|(k, p)| pod_ips(p).into_iter().map(move |ip| (ip.to_string(), *k)))
         .collect();
     for (sk, slice) in &idx.slices {
         if sk.namespace != key.namespace
