@@ -262,13 +262,7 @@ pub fn run(args: L4Args) -> Result<()> {
     drop(mesh);
     drop(sink);
 
-    println!("{}", r.table());
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&r).context("serializing the results")?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-        println!("results written to {}", path.display());
-    }
-    Ok(())
+    crate::output::emit(&r.table(), &r, args.json.as_deref())
 }
 
 fn measure(

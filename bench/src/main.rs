@@ -7,6 +7,7 @@ mod l4;
 mod l4_netns;
 mod l7_netns;
 mod mesh;
+mod output;
 mod phases;
 mod report;
 mod sink;

@@ -134,10 +134,7 @@ pub struct ThroughputBytes {
     pub hbone_n_secs: f64,
 }
 
-fn f(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}"))
-        .unwrap_or_else(|| "-".into())
-}
+use crate::output::fmt_opt as f;
 
 fn verdict(v: Option<f64>, ok: impl Fn(f64) -> bool) -> &'static str {
     match v {

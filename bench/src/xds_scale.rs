@@ -931,19 +931,10 @@ pub fn run(args: XdsArgs) -> Result<()> {
     drop(ctl);
     rt.shutdown_timeout(Duration::from_millis(200));
 
-    println!("{}", r.table());
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&r)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
+    crate::output::emit(&r.table(), &r, args.json.as_deref())
 }
 
-fn f(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}"))
-        .unwrap_or_else(|| "-".into())
-}
+use crate::output::fmt_opt as f;
 
 fn verdict(v: Option<f64>, target: f64) -> &'static str {
     match v {
