@@ -152,6 +152,11 @@ fn control_plane_tls(args: &Args, trust_domain: &str) -> Result<Option<ControlPl
 }
 
 async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
+    // Start-up (the kernel BTF parsed to load the eBPF programs) and bulk transfers leave free
+    // heap that glibc would keep; hand it back within a second (~15 MB at start otherwise).
+    tokio::spawn(zmesh_core::process::trim_free_memory_every(
+        Duration::from_secs(1),
+    ));
     let token = args
         .token_file
         .clone()
