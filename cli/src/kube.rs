@@ -158,6 +158,9 @@ pub async fn config(opts: &ConnectOptions) -> Result<Config, CliError> {
     if let Some(ns) = &opts.namespace {
         config.default_namespace = ns.clone();
     }
+    // kube-rs retries 429/503/504 with exponential backoff for minutes by default; a CLI
+    // reports the error at once (the operator re-runs it), like kubectl.
+    config.default_retry = false;
     Ok(config)
 }
 
