@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Build first: the demo starts these binaries, and cargo is not on root's PATH under sudo.
-cargo build --quiet -p zmesh-cli -p ztunnel -p zmesh-controller -p zmesh-tests --bins
+cargo build --quiet -p zmesh-cli -p ztunnel -p waypoint -p zmesh-controller -p zmesh-tests --bins
 if [ "$(id -u)" = 0 ]; then
   exec ./target/debug/zmesh demo "$@"
 else

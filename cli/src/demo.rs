@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use zmesh_tests::{
-    Cluster, ControllerSource, PodSpec, ServiceSpec, contains, in_netns, pcap_tcp_port_packets,
+    Cluster, ControllerSource, PodSpec, ServiceSpec, USE_WAYPOINT, contains, in_netns,
+    pcap_tcp_port_packets,
 };
 
 /// Options of `zmesh demo`.
@@ -41,7 +42,8 @@ pub struct Outcome {
 }
 
 const T: Duration = Duration::from_secs(3);
-const STEPS: usize = 7;
+const STEPS: usize = 8;
+const WAYPOINT: &str = "waypoint";
 const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const RATINGS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const TCP_ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
@@ -107,7 +109,7 @@ pub fn run(args: &DemoArgs) -> Result<Outcome> {
          and its workload certificates from the controller's CA.",
     );
     let started = Instant::now();
-    let cluster = match build() {
+    let mut cluster = match build() {
         Ok(c) => c,
         Err(e) => {
             r.check(false, &format!("cluster up: {e:#}"));
@@ -135,12 +137,13 @@ pub fn run(args: &DemoArgs) -> Result<Outcome> {
     for s in steps {
         s(&mut r, &cluster);
     }
+    step7_waypoint(&mut r, &mut cluster);
 
     if args.keep {
         keep(&cluster);
     }
     r.step(
-        7,
+        8,
         "clean up",
         "Stop the ztunnels, the controller and the apps; delete the namespaces and the pinned\n\
          eBPF state.",
@@ -187,17 +190,27 @@ fn build() -> Result<Cluster> {
         .nodes(2)
         .pod(pod("productpage", "shop", 0, true, "productpage"))
         .pod(pod("client", "legacy", 0, false, "client"))
-        .pod(pod("reviews-v1", "shop", 1, true, "reviews"))
+        .pod(pod("reviews-v1", "shop", 1, true, "reviews").version("v1"))
+        .pod(pod("reviews-v2", "shop", 1, true, "reviews").version("v2"))
         .pod(pod("ratings", "shop", 1, true, "ratings"))
         .pod(pod("tcp-echo", "shop", 1, true, "tcp-echo"))
         .pod(pod("legacy-server", "legacy", 1, false, "legacy-server"))
-        .service(svc("reviews", REVIEWS_VIP, HTTP_PORT, &["reviews-v1"]))
+        .service(svc(
+            "reviews",
+            REVIEWS_VIP,
+            HTTP_PORT,
+            &["reviews-v1", "reviews-v2"],
+        ))
+        // Deployed now, used from step 7 on (when shop is labelled to use it).
+        .waypoint(WAYPOINT, "shop", 1)
         .service(svc("ratings", RATINGS_VIP, HTTP_PORT, &["ratings"]))
         .service(svc("tcp-echo", TCP_ECHO_VIP, ECHO_PORT, &["tcp-echo"]))
         .build()
         .context("building the cluster")?;
     c.start_http("reviews-v1", "reviews", HTTP_PORT)
         .context("starting reviews")?;
+    c.start_http("reviews-v2", "reviews", HTTP_PORT)
+        .context("starting reviews v2")?;
     c.start_http("ratings", "ratings", HTTP_PORT)
         .context("starting ratings")?;
     c.start_tcp_echo("tcp-echo", ECHO_PORT)
@@ -471,6 +484,98 @@ fn step5_policy(r: &mut Report, c: &Cluster) {
     r.check(
         allowed.is_ok_and(|(s, _)| s.contains(" 200")),
         "productpage -> ratings is still allowed",
+    );
+}
+
+const REVIEWS_ROUTING: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers:
+        end-user: {exact: jason}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+";
+
+fn step7_waypoint(r: &mut Report, c: &mut Cluster) {
+    r.step(
+        7,
+        "L7 with a waypoint: reviews routed by the `end-user` header",
+        "Namespace shop is labelled istio.io/use-waypoint=waypoint: ztunnels now send shop's\n\
+         service traffic through the waypoint (the `waypoint` binary in its own pod, identity\n\
+         and config from the controller). A VirtualService + DestinationRule written into the\n\
+         controller's directory send `end-user: jason` to reviews v2, everyone else to v1.",
+    );
+    let reviews = SocketAddr::from((REVIEWS_VIP, HTTP_PORT));
+    let get = |c: &Cluster, user: Option<&str>| {
+        let headers: Vec<(&str, &str)> = user.map(|u| ("end-user", u)).into_iter().collect();
+        c.http(
+            "productpage",
+            reviews,
+            "GET /reviews/0",
+            "reviews:9080",
+            &headers,
+            T,
+        )
+    };
+    let via_waypoint = |r: &zmesh_tests::HttpResponse| {
+        r.status == 200 && r.json()["headers"]["x-request-id"].is_string()
+    };
+    let labelled = c.set_namespace_label("shop", USE_WAYPOINT, Some(WAYPOINT));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut through = false;
+    while labelled.is_ok() && Instant::now() < deadline {
+        if get(c, None).is_ok_and(|r| via_waypoint(&r)) {
+            through = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    r.check(
+        through,
+        "productpage -> reviews now goes through the waypoint (reviews sees an x-request-id)",
+    );
+    for l in REVIEWS_ROUTING.lines().skip_while(|l| *l != "---").skip(1) {
+        r.show(l);
+    }
+    let applied = c.apply_yaml_to_waypoint(WAYPOINT, "40-demo-reviews.yaml", REVIEWS_ROUTING);
+    if let Err(e) = &applied {
+        r.show(&format!("applying the VirtualService failed: {e}"));
+    }
+    let version = |user: Option<&str>| -> String {
+        match get(c, user) {
+            Ok(resp) if resp.status == 200 => {
+                resp.json()["version"].as_str().unwrap_or("?").to_string()
+            }
+            Ok(resp) => format!("status {}", resp.status),
+            Err(e) => format!("error: {e}"),
+        }
+    };
+    let jason: Vec<String> = (0..5).map(|_| version(Some("jason"))).collect();
+    let others: Vec<String> = (0..5).map(|_| version(None)).collect();
+    r.show(&format!("end-user: jason -> {}", jason.join(" ")));
+    r.show(&format!("no end-user     -> {}", others.join(" ")));
+    r.check(
+        applied.is_ok() && jason.iter().all(|v| v == "v2"),
+        "every request of jason went to reviews v2",
+    );
+    r.check(
+        applied.is_ok() && others.iter().all(|v| v == "v1"),
+        "every other request went to reviews v1",
     );
 }
 
