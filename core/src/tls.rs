@@ -244,6 +244,20 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<Identity> {
     uri_sans(leaf).iter().find_map(|s| s.parse().ok())
 }
 
+/// The server certificate chains to `roots` (signature, validity, key usage); the name checks
+/// are the caller's (SPIFFE URI SANs, not DNS names). Returns the parsed certificate.
+pub(crate) fn verify_chain<'a>(
+    roots: &RootCertStore,
+    end_entity: &'a CertificateDer<'a>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    algs: &WebPkiSupportedAlgorithms,
+) -> Result<ParsedCertificate<'a>, rustls::Error> {
+    let cert = ParsedCertificate::try_from(end_entity)?;
+    verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, algs.all)?;
+    Ok(cert)
+}
+
 /// Client side: chain to our roots, then any URI SAN must be an expected identity.
 #[derive(Debug)]
 struct IdentityVerifier {
@@ -261,14 +275,7 @@ impl ServerCertVerifier for IdentityVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        verify_chain(&self.roots, end_entity, intermediates, now, &self.algs)?;
         let presented = uri_sans(end_entity);
         if presented.iter().any(|p| self.expected.contains(p)) {
             Ok(ServerCertVerified::assertion())

@@ -41,9 +41,8 @@ use http::Uri;
 use hyper_util::rt::TokioIo;
 use prost::Message;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
+use rustls::client::verify_server_name;
 use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::server::ParsedCertificate;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
     SignatureScheme,
@@ -288,14 +287,8 @@ impl ServerCertVerifier for ControlPlaneVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        let cert =
+            crate::tls::verify_chain(&self.roots, end_entity, intermediates, now, &self.algs)?;
         let presented = crate::tls::uri_sans(end_entity);
         if presented.iter().any(|p| self.identities.contains(p)) {
             return Ok(ServerCertVerified::assertion());
