@@ -31,7 +31,8 @@ use crate::ca::{
 };
 use crate::sources::file::FileSource;
 use crate::store::{ObjectStore, Snapshot};
-use crate::translate::{TranslateOptions, Translated, translate};
+use crate::translate::incremental::{Incremental, Output};
+use crate::translate::{TranslateOptions, Translated};
 use crate::xds::cache::ResourceCache;
 use crate::xds::server::{AdsMetrics, AdsOptions, AdsServer, tcp_incoming, tls_incoming};
 
@@ -154,7 +155,9 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Contr
 struct TranslationLoop {
     store: Arc<ObjectStore>,
     cache: Arc<ResourceCache>,
-    translator: Translator,
+    /// A substitute translator (always full), or None: the real one, incremental.
+    translator: Option<Translator>,
+    incremental: Incremental,
     opts: TranslateOptions,
     errors_gauge: Gauge,
     reported: BTreeSet<String>,
@@ -166,16 +169,48 @@ impl TranslationLoop {
     async fn translate_once(&mut self) {
         self.rx.mark_unchanged();
         let snap = self.store.snapshot();
-        let (t, o) = (self.translator.clone(), self.opts.clone());
+        let o = self.opts.clone();
+        let work: Box<dyn FnOnce() -> (Option<Incremental>, Output) + Send> = match &self.translator
+        {
+            Some(t) => {
+                let t = t.clone();
+                Box::new(move || (None, Output::Full(t(&snap, &o))))
+            }
+            None => {
+                let mut inc = std::mem::take(&mut self.incremental);
+                Box::new(move || {
+                    let out = inc.translate(snap, &o);
+                    (Some(inc), out)
+                })
+            }
+        };
         // why: translation of a large cluster is CPU work; keep it off the async workers.
-        let out = match tokio::task::spawn_blocking(move || t(&snap, &o)).await {
-            Ok(out) => out,
+        let out = match tokio::task::spawn_blocking(work).await {
+            Ok((inc, out)) => {
+                if let Some(inc) = inc {
+                    self.incremental = inc;
+                }
+                out
+            }
             Err(e) => {
+                // The incremental state went with the failed task: the next one is full.
                 error!("translation failed (keeping the previous resources): {e}");
                 return;
             }
         };
-        let now: BTreeSet<String> = out.errors.iter().map(ToString::to_string).collect();
+        let (errors, summary) = match out {
+            Output::Full(t) => (t.errors, self.cache.update(t.resources)),
+            Output::Addresses {
+                upserts,
+                removed,
+                errors,
+            } => (
+                errors,
+                self.cache
+                    .apply(zmesh_proto::ADDRESS_TYPE_URL, upserts, removed),
+            ),
+        };
+        let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
         for e in now.difference(&self.reported) {
             warn!("translation error: {e}");
         }
@@ -184,7 +219,6 @@ impl TranslationLoop {
         }
         self.errors_gauge.set(now.len() as i64);
         self.reported = now;
-        let summary = self.cache.update(out.resources);
         for (type_url, (upserted, removed)) in &summary.changed {
             info!(%type_url, upserted, removed, version = self.cache.version(type_url), "resources changed");
         }
@@ -276,10 +310,8 @@ impl Controller {
             rx: store.generation(),
             store: store.clone(),
             cache: cache.clone(),
-            translator: cfg
-                .translator
-                .clone()
-                .unwrap_or_else(|| Arc::new(translate)),
+            translator: cfg.translator.clone(),
+            incremental: Incremental::default(),
             opts: topts,
             errors_gauge,
             reported: BTreeSet::new(),

@@ -137,6 +137,54 @@ impl Snapshot {
         self.objects.len()
     }
 
+    /// Keys added, changed or removed since `older` (objects are immutable and shared between
+    /// snapshots, so a changed object is a different allocation).
+    pub fn changed_since<'a>(&'a self, older: &'a Snapshot) -> Vec<&'a ObjectKey> {
+        let mut out = Vec::new();
+        let (mut a, mut b) = (
+            older.objects.iter().peekable(),
+            self.objects.iter().peekable(),
+        );
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => return out,
+                (Some((ka, _)), None) => {
+                    out.push(*ka);
+                    a.next();
+                }
+                (None, Some((kb, _))) => {
+                    out.push(*kb);
+                    b.next();
+                }
+                (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                    std::cmp::Ordering::Less => {
+                        out.push(*ka);
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push(*kb);
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if !Arc::ptr_eq(va, vb) {
+                            out.push(*kb);
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+    }
+
+    /// Whether any object of `kind` lives in `namespace`.
+    pub fn any_in(&self, kind: &str, namespace: &str) -> bool {
+        self.objects
+            .range(ObjectKey::new(kind, namespace, "")..)
+            .next()
+            .is_some_and(|(k, _)| k.kind == kind && k.namespace == namespace)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.objects.is_empty()
     }

@@ -95,6 +95,9 @@ impl Pods {
     }
 }
 
+/// Pod `(namespace, name)` → keys of the WORKLOAD_SELECTOR policies bound to it.
+pub type Bindings = BTreeMap<(String, String), BTreeSet<String>>;
+
 /// Everything this module derives from a snapshot.
 #[derive(Debug, Default)]
 pub struct Compiled {
@@ -102,7 +105,7 @@ pub struct Compiled {
     pub policies: BTreeMap<String, pb::Authorization>,
     pub errors: Vec<TranslateError>,
     /// Pod `(namespace, name)` → keys of the WORKLOAD_SELECTOR policies bound to it.
-    pub bindings: BTreeMap<(String, String), BTreeSet<String>>,
+    pub bindings: Bindings,
 }
 
 impl Compiled {

@@ -9,6 +9,7 @@
 //! skipped; everything else still translates.
 
 pub mod authz;
+pub mod incremental;
 pub mod l7;
 pub mod workloads;
 
@@ -26,7 +27,7 @@ pub struct TranslateError {
 }
 
 /// Cluster-wide settings translation needs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TranslateOptions {
     pub cluster_id: String,
     pub trust_domain: String,
@@ -84,11 +85,28 @@ impl Translated {
 
 /// Translate everything in `snap`.
 pub fn translate(snap: &Snapshot, opts: &TranslateOptions) -> Translated {
+    translate_with_context(snap, opts).0
+}
+
+/// What a full translation worked out about pods, kept by [`incremental`] to re-translate
+/// single pods later.
+#[derive(Debug, Default)]
+pub struct PodContext {
+    pub backs: workloads::Backs,
+    pub bindings: authz::Bindings,
+}
+
+/// [`translate`], also returning the pod context.
+pub fn translate_with_context(
+    snap: &Snapshot,
+    opts: &TranslateOptions,
+) -> (Translated, PodContext) {
     let mut out = Translated::default();
     // Compiled once: workloads need the policy bindings, authz emits the policies.
-    let compiled = authz::compile(snap, opts);
-    workloads::translate(snap, opts, &compiled.bindings, &mut out);
+    let mut compiled = authz::compile(snap, opts);
+    let backs = workloads::translate(snap, opts, &compiled.bindings, &mut out);
+    let bindings = std::mem::take(&mut compiled.bindings);
     authz::emit(compiled, &mut out);
     l7::translate(snap, opts, &mut out);
-    out
+    (out, PodContext { backs, bindings })
 }

@@ -20,7 +20,7 @@
 //! - Status: UNHEALTHY when the pod reports a phase other than Running or a Ready condition
 //!   other than True; a pod that reports neither (typical in file mode) is HEALTHY.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
@@ -28,6 +28,7 @@ use ipnet::IpNet;
 use regex::Regex;
 use zmesh_proto::workload as pb;
 
+use super::authz::Bindings;
 use super::{TranslateOptions, Translated};
 use crate::k8s::{self, IntOrString, Labels};
 use crate::store::{ObjectKey, Snapshot};
@@ -87,7 +88,17 @@ fn parse_all<'a, T: serde::de::DeserializeOwned + Send + Sync + 'static>(
 
 impl<'a> Index<'a> {
     fn build(snap: &'a Snapshot, out: &mut Translated) -> Index<'a> {
-        let pods: Vec<(&'a ObjectKey, Arc<k8s::Pod>)> = parse_all(snap, "Pod", out);
+        Self::build_parts(snap, out, true)
+    }
+
+    /// `with_pods: false` leaves out pods, EndpointSlices and ServiceEntries: what
+    /// [`translate_pods`] needs to translate a few pods against an unchanged rest.
+    fn build_parts(snap: &'a Snapshot, out: &mut Translated, with_pods: bool) -> Index<'a> {
+        let pods: Vec<(&'a ObjectKey, Arc<k8s::Pod>)> = if with_pods {
+            parse_all(snap, "Pod", out)
+        } else {
+            Vec::new()
+        };
         let mut pods_by_namespace: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, (k, _)) in pods.iter().enumerate() {
             pods_by_namespace
@@ -110,8 +121,16 @@ impl<'a> Index<'a> {
             pods_by_namespace,
             services,
             services_by_name,
-            slices: parse_all(snap, "EndpointSlice", out),
-            service_entries: parse_all(snap, "ServiceEntry", out),
+            slices: if with_pods {
+                parse_all(snap, "EndpointSlice", out)
+            } else {
+                Vec::new()
+            },
+            service_entries: if with_pods {
+                parse_all(snap, "ServiceEntry", out)
+            } else {
+                Vec::new()
+            },
             gateways: parse_all::<k8s::Gateway>(snap, "Gateway", out)
                 .into_iter()
                 .map(|(k, v)| ((k.namespace.clone(), k.name.clone()), v))
@@ -238,17 +257,26 @@ fn port_u32(p: i64) -> Option<u32> {
     u32::try_from(p).ok().filter(|p| (1..=65535).contains(p))
 }
 
-/// Translate all addresses into `out`.
+/// Pod `(namespace, name)` → the services it backs (`ns/hostname` → resolved ports).
+pub type Backs = HashMap<(String, String), BTreeMap<String, Vec<pb::Port>>>;
+
+/// A pod workload's resource name.
+pub fn pod_uid(opts: &TranslateOptions, key: &ObjectKey) -> String {
+    format!("{}//v1/Pod/{}/{}", opts.cluster_id, key.namespace, key.name)
+}
+
+/// Translate all addresses into `out`. Returns which services each pod backs, so that
+/// [`translate_pods`] can later re-translate single pods against the same rest.
 pub fn translate(
     snap: &Snapshot,
     opts: &TranslateOptions,
-    bindings: &BTreeMap<(String, String), BTreeSet<String>>,
+    bindings: &Bindings,
     out: &mut Translated,
-) {
+) -> Backs {
     let idx = Index::build(snap, out);
     let mut addresses: BTreeMap<String, pb::Address> = BTreeMap::new();
     // Pod (ns, name) → services it backs.
-    let mut backs: HashMap<(String, String), BTreeMap<String, Vec<pb::Port>>> = HashMap::new();
+    let mut backs: Backs = HashMap::new();
     // Non-pod endpoints (uid → workload).
     let mut extra_workloads: BTreeMap<String, pb::Workload> = BTreeMap::new();
 
@@ -307,6 +335,37 @@ pub fn translate(
                 },
             );
     }
+    backs
+}
+
+/// Re-translate only the pods `keys` of `snap`, given the `backs` and `bindings` of an earlier
+/// full translation that are still valid for them (the caller checks that nothing they depend
+/// on changed: see [`super::incremental`]). Returns each pod's uid and its encoded Address, or
+/// `None` when the pod is not a workload (no IP, finished). Errors about these pods go to `out`.
+pub fn translate_pods(
+    snap: &Snapshot,
+    opts: &TranslateOptions,
+    backs: &Backs,
+    bindings: &Bindings,
+    keys: &[&ObjectKey],
+    out: &mut Translated,
+) -> Vec<(String, Option<Vec<u8>>)> {
+    // Parse errors of other objects were reported by the full translation; drop them here.
+    let idx = Index::build_parts(snap, &mut Translated::default(), false);
+    keys.iter()
+        .map(|key| {
+            let address = match snap.parsed::<k8s::Pod>(key) {
+                Some(Ok(pod)) => translate_pod(&idx, opts, key, &pod, backs, bindings, out),
+                _ => None,
+            };
+            let address = address.map(|w| {
+                encode_address(pb::Address {
+                    r#type: Some(pb::address::Type::Workload(w)),
+                })
+            });
+            (pod_uid(opts, key), address)
+        })
+        .collect()
 }
 
 /// Encode an Address with its workload's `services` map in key order. prost keeps protobuf
@@ -363,7 +422,7 @@ fn translate_service(
     key: &ObjectKey,
     svc: &k8s::Service,
     addresses: &mut BTreeMap<String, pb::Address>,
-    backs: &mut HashMap<(String, String), BTreeMap<String, Vec<pb::Port>>>,
+    backs: &mut Backs,
     extra: &mut BTreeMap<String, pb::Workload>,
     out: &mut Translated,
 ) {
@@ -493,7 +552,7 @@ fn endpoint_slices(
     key: &ObjectKey,
     svc_key: &str,
     service_ports: &[&k8s::ServicePort],
-    backs: &mut HashMap<(String, String), BTreeMap<String, Vec<pb::Port>>>,
+    backs: &mut Backs,
     extra: &mut BTreeMap<String, pb::Workload>,
 ) {
     let pod_by_ip: HashMap<String, &ObjectKey> = idx
@@ -584,7 +643,7 @@ fn translate_service_entry(
     key: &ObjectKey,
     se: &k8s::ServiceEntry,
     addresses: &mut BTreeMap<String, pb::Address>,
-    backs: &mut HashMap<(String, String), BTreeMap<String, Vec<pb::Port>>>,
+    backs: &mut Backs,
     extra: &mut BTreeMap<String, pb::Workload>,
     out: &mut Translated,
 ) {
@@ -770,7 +829,7 @@ fn translate_service_entry(
 }
 
 /// The pod's IPs (status.podIPs, else status.podIP); unparsable ones are left out.
-fn pod_ips(pod: &k8s::Pod) -> Vec<IpAddr> {
+pub(super) fn pod_ips(pod: &k8s::Pod) -> Vec<IpAddr> {
     let listed: Vec<&str> = if pod.status.pod_ips.is_empty() {
         vec![pod.status.pod_ip.as_str()]
     } else {
@@ -849,8 +908,8 @@ fn translate_pod(
     opts: &TranslateOptions,
     key: &ObjectKey,
     pod: &k8s::Pod,
-    backs: &HashMap<(String, String), BTreeMap<String, Vec<pb::Port>>>,
-    bindings: &BTreeMap<(String, String), BTreeSet<String>>,
+    backs: &Backs,
+    bindings: &Bindings,
     out: &mut Translated,
 ) -> Option<pb::Workload> {
     // A finished pod's IP may already belong to a new pod: it is not a workload any more.
@@ -904,7 +963,7 @@ fn translate_pod(
         })
         .unwrap_or_default();
     Some(pb::Workload {
-        uid: format!("{}//v1/Pod/{}/{}", opts.cluster_id, key.namespace, key.name),
+        uid: pod_uid(opts, key),
         name: key.name.clone(),
         namespace: key.namespace.clone(),
         addresses: ips.into_iter().map(ip_bytes).collect(),

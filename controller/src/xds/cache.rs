@@ -194,6 +194,46 @@ impl ResourceCache {
         summary
     }
 
+    /// Change only some resources of one type: `upserts` replace or add, `removed` go away;
+    /// everything else stays as it is (an incremental translation's output).
+    pub fn apply(
+        &self,
+        type_url: &str,
+        upserts: BTreeMap<String, Any>,
+        removed: Vec<String>,
+    ) -> UpdateSummary {
+        let mut summary = UpdateSummary::default();
+        {
+            let mut types = self.write();
+            let st = types.entry(type_url.to_string()).or_default();
+            let mut changed = Vec::new();
+            let mut upserted = 0;
+            for (name, any) in upserts {
+                if upsert(st, &name, any) {
+                    changed.push(name);
+                    upserted += 1;
+                }
+            }
+            let mut gone = 0;
+            for name in removed {
+                if st.resources.remove(&name).is_some() {
+                    changed.push(name);
+                    gone += 1;
+                }
+            }
+            if !changed.is_empty() {
+                st.record(changed);
+                summary
+                    .changed
+                    .insert(type_url.to_string(), (upserted, gone));
+            }
+        }
+        if !summary.is_empty() {
+            self.generation.send_modify(|g| *g += 1);
+        }
+        summary
+    }
+
     /// Watch this to learn that something changed (values are only a counter).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
@@ -258,6 +298,27 @@ impl ResourceCache {
     }
 }
 
+/// Store one resource unless identical; true when it changed. Most resources are unchanged on
+/// an update: a byte comparison is cheaper than hashing.
+fn upsert(st: &mut TypeState, name: &str, any: Any) -> bool {
+    if st
+        .resources
+        .get(name)
+        .is_some_and(|old| old.resource.value == any.value && old.resource.type_url == any.type_url)
+    {
+        return false;
+    }
+    let version = content_version(&any);
+    st.resources.insert(
+        name.to_string(),
+        CachedResource {
+            version: version.into(),
+            resource: Arc::new(any),
+        },
+    );
+    true
+}
+
 /// Replace one type's resources; `Some((upserted, removed))` when anything changed.
 fn replace_type(st: &mut TypeState, fresh: BTreeMap<String, Any>) -> Option<(usize, usize)> {
     let mut changed = Vec::new();
@@ -272,22 +333,10 @@ fn replace_type(st: &mut TypeState, fresh: BTreeMap<String, Any>) -> Option<(usi
         st.resources.remove(name);
     }
     for (name, any) in fresh {
-        // Most resources are unchanged on an update: a byte comparison is cheaper than hashing.
-        if st.resources.get(&name).is_some_and(|old| {
-            old.resource.value == any.value && old.resource.type_url == any.type_url
-        }) {
-            continue;
+        if upsert(st, &name, any) {
+            changed.push(name);
+            upserted += 1;
         }
-        let version = content_version(&any);
-        st.resources.insert(
-            name.clone(),
-            CachedResource {
-                version: version.into(),
-                resource: Arc::new(any),
-            },
-        );
-        changed.push(name);
-        upserted += 1;
     }
     let removed = removed_names.len();
     changed.extend(removed_names);
@@ -357,6 +406,34 @@ mod tests {
         // Versions are content hashes: the same content gets the same version again.
         c.update(BTreeMap::from([("t".into(), map(&[("a", b"1")]))]));
         assert_eq!(c.snapshot("t").1["a"].version, va);
+    }
+
+    #[test]
+    fn apply_changes_only_the_named_resources() {
+        let c = ResourceCache::new();
+        c.update(BTreeMap::from([(
+            "t".into(),
+            map(&[("a", b"1"), ("b", b"2")]),
+        )]));
+        let va = c.snapshot("t").1["a"].version.clone();
+        let s = c.apply("t", map(&[("b", b"3"), ("c", b"4")]), vec!["zz".into()]);
+        assert_eq!(s.changed["t"], (2, 0), "unknown removals are not changes");
+        assert_eq!(c.version("t"), 2);
+        let (_, now) = c.snapshot("t");
+        assert_eq!(now.len(), 3);
+        assert_eq!(
+            now["a"].version, va,
+            "untouched resources keep their version"
+        );
+        match c.changes_since("t", 1).1 {
+            Changes::Names(n) => assert_eq!(n, ["b", "c"].map(String::from).into()),
+            other => panic!("{other:?}"),
+        }
+        // Identical content and a removal.
+        let s = c.apply("t", map(&[("b", b"3")]), vec!["a".into()]);
+        assert_eq!(s.changed["t"], (0, 1));
+        assert!(c.apply("t", map(&[("b", b"3")]), vec![]).is_empty());
+        assert_eq!(c.version("t"), 3);
     }
 
     #[test]
