@@ -392,6 +392,15 @@ impl Controller {
                 }
             }));
         }
+        // why: every client's initial push encodes the whole state (megabytes at 10k pods);
+        // glibc keeps that freed heap in its arenas for good unless asked to hand it back.
+        let st = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = st.cancelled() => {}
+                _ = zmesh_core::process::trim_free_memory_every(Duration::from_secs(1)) => {}
+            }
+        }));
         info!(?addrs, trust_domain = %ca.trust_domain(), "controller started");
         Ok(Controller {
             addrs,

@@ -151,7 +151,7 @@ async fn one_change_reaches_a_connected_client_as_one_delta() {
     let (_, cached) = h.cache.snapshot(ADDRESS_TYPE_URL);
     assert_eq!(
         r.resources[0].version,
-        *cached[&uid("default", "e")].version
+        *cached[uid("default", "e").as_str()].version
     );
     c.ack(&r).await;
     c.expect_silence(QUIET).await;
@@ -193,7 +193,7 @@ async fn reconnect_with_initial_versions_resends_only_changes() {
     let (_, now) = h.cache.snapshot(ADDRESS_TYPE_URL);
     let current: BTreeMap<String, String> = now
         .iter()
-        .map(|(k, v)| (k.clone(), v.version.to_string()))
+        .map(|(k, v)| (k.to_string(), v.version.to_string()))
         .collect();
     let mut c = RawClient::connect(h.addr).await;
     c.subscribe(ADDRESS_TYPE_URL, &[], current).await;

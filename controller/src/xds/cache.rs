@@ -21,6 +21,10 @@ const CHANGE_LOG_BATCHES: usize = 64;
 /// Upper bound on names remembered across a type's change log (memory bound at 10k+ pods).
 const CHANGE_LOG_NAMES: usize = 50_000;
 
+/// A resource name, shared by the cache and every stream that tracks it (at 10k resources
+/// and 100 streams, per-stream copies of the names were a quarter of the controller's memory).
+pub type Name = Arc<str>;
+
 /// One cached resource.
 #[derive(Clone, Debug)]
 pub struct CachedResource {
@@ -35,7 +39,7 @@ pub enum Changes {
     /// Nothing changed.
     None,
     /// Exactly these names changed (added, modified or removed).
-    Names(BTreeSet<String>),
+    Names(BTreeSet<Name>),
     /// The log does not reach back far enough: diff everything.
     Unknown,
 }
@@ -43,14 +47,14 @@ pub enum Changes {
 #[derive(Default)]
 struct TypeState {
     version: u64,
-    resources: BTreeMap<String, CachedResource>,
+    resources: BTreeMap<Name, CachedResource>,
     /// `(type version after the change, names changed by it)`, oldest first.
-    log: VecDeque<(u64, Arc<Vec<String>>)>,
+    log: VecDeque<(u64, Arc<Vec<Name>>)>,
     log_names: usize,
 }
 
 impl TypeState {
-    fn record(&mut self, changed: Vec<String>) {
+    fn record(&mut self, changed: Vec<Name>) {
         self.version += 1;
         self.log_names += changed.len();
         self.log.push_back((self.version, Arc::new(changed)));
@@ -209,14 +213,14 @@ impl ResourceCache {
             let mut changed = Vec::new();
             let mut upserted = 0;
             for (name, any) in upserts {
-                if upsert(st, &name, any) {
+                if let Some(name) = upsert(st, &name, any) {
                     changed.push(name);
                     upserted += 1;
                 }
             }
             let mut gone = 0;
             for name in removed {
-                if st.resources.remove(&name).is_some() {
+                if let Some((name, _)) = st.resources.remove_entry(name.as_str()) {
                     changed.push(name);
                     gone += 1;
                 }
@@ -267,19 +271,22 @@ impl ResourceCache {
         &self,
         type_url: &str,
         names: impl IntoIterator<Item = &'a str>,
-    ) -> (u64, Vec<(String, Option<CachedResource>)>) {
+    ) -> (u64, Vec<(Name, Option<CachedResource>)>) {
         let types = self.read();
         let st = types.get(type_url);
         let version = st.map_or(0, |t| t.version);
         let out = names
             .into_iter()
-            .map(|n| (n.to_string(), st.and_then(|t| t.resources.get(n)).cloned()))
+            .map(|n| match st.and_then(|t| t.resources.get_key_value(n)) {
+                Some((k, r)) => (k.clone(), Some(r.clone())),
+                None => (Name::from(n), None),
+            })
             .collect();
         (version, out)
     }
 
     /// A consistent copy of one type: `(type version, name → resource)`.
-    pub fn snapshot(&self, type_url: &str) -> (u64, BTreeMap<String, CachedResource>) {
+    pub fn snapshot(&self, type_url: &str) -> (u64, BTreeMap<Name, CachedResource>) {
         let types = self.read();
         match types.get(type_url) {
             Some(t) => (t.version, t.resources.clone()),
@@ -298,42 +305,48 @@ impl ResourceCache {
     }
 }
 
-/// Store one resource unless identical; true when it changed. Most resources are unchanged on
-/// an update: a byte comparison is cheaper than hashing.
-fn upsert(st: &mut TypeState, name: &str, any: Any) -> bool {
-    if st
-        .resources
-        .get(name)
-        .is_some_and(|old| old.resource.value == any.value && old.resource.type_url == any.type_url)
-    {
-        return false;
+/// Store one resource unless identical; its (shared) name when it changed. Most resources are
+/// unchanged on an update: a byte comparison is cheaper than hashing.
+fn upsert(st: &mut TypeState, name: &str, any: Any) -> Option<Name> {
+    let fresh = |any: Any| CachedResource {
+        version: content_version(&any).into(),
+        resource: Arc::new(any),
+    };
+    match st.resources.get_key_value(name) {
+        Some((_, old))
+            if old.resource.value == any.value && old.resource.type_url == any.type_url =>
+        {
+            None
+        }
+        Some((key, _)) => {
+            // Keep the existing name allocation: streams hold it.
+            let key = key.clone();
+            st.resources.insert(key.clone(), fresh(any));
+            Some(key)
+        }
+        None => {
+            let key = Name::from(name);
+            st.resources.insert(key.clone(), fresh(any));
+            Some(key)
+        }
     }
-    let version = content_version(&any);
-    st.resources.insert(
-        name.to_string(),
-        CachedResource {
-            version: version.into(),
-            resource: Arc::new(any),
-        },
-    );
-    true
 }
 
 /// Replace one type's resources; `Some((upserted, removed))` when anything changed.
 fn replace_type(st: &mut TypeState, fresh: BTreeMap<String, Any>) -> Option<(usize, usize)> {
     let mut changed = Vec::new();
     let mut upserted = 0;
-    let removed_names: Vec<String> = st
+    let removed_names: Vec<Name> = st
         .resources
         .keys()
-        .filter(|k| !fresh.contains_key(*k))
+        .filter(|k| !fresh.contains_key(&***k))
         .cloned()
         .collect();
     for name in &removed_names {
         st.resources.remove(name);
     }
     for (name, any) in fresh {
-        if upsert(st, &name, any) {
+        if let Some(name) = upsert(st, &name, any) {
             changed.push(name);
             upserted += 1;
         }
@@ -391,7 +404,7 @@ mod tests {
         )]));
         assert_eq!(c.version("t"), 2);
         match c.changes_since("t", 1).1 {
-            Changes::Names(n) => assert_eq!(n, ["a", "b", "c"].map(String::from).into()),
+            Changes::Names(n) => assert_eq!(n, ["a", "b", "c"].map(Name::from).into()),
             other => panic!("{other:?}"),
         }
         assert!(matches!(c.changes_since("t", 2).1, Changes::None));
@@ -426,7 +439,7 @@ mod tests {
             "untouched resources keep their version"
         );
         match c.changes_since("t", 1).1 {
-            Changes::Names(n) => assert_eq!(n, ["b", "c"].map(String::from).into()),
+            Changes::Names(n) => assert_eq!(n, ["b", "c"].map(Name::from).into()),
             other => panic!("{other:?}"),
         }
         // Identical content and a removal.

@@ -47,7 +47,7 @@ use zmesh_proto::discovery::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 
-use super::cache::{CachedResource, Changes, ResourceCache};
+use super::cache::{CachedResource, Changes, Name, ResourceCache};
 
 /// Most names one request may carry (subscribe + unsubscribe + initial versions), and most
 /// names one stream may subscribe to per type. Bounds per-stream memory.
@@ -225,7 +225,7 @@ impl AggregatedDiscoveryService for AdsServer {
 struct InFlight {
     nonce: String,
     /// name → new version (None: removed).
-    changes: Vec<(String, Option<Arc<str>>)>,
+    changes: Vec<(Name, Option<Arc<str>>)>,
 }
 
 /// One type's subscription on one stream.
@@ -233,10 +233,11 @@ struct InFlight {
 struct TypeSub {
     wildcard: bool,
     names: BTreeSet<String>,
-    /// What the client holds (initial_resource_versions, then ACKs).
-    acked: HashMap<String, Arc<str>>,
+    /// What the client holds (initial_resource_versions, then ACKs). Names and versions are
+    /// the cache's own allocations, shared.
+    acked: HashMap<Name, Arc<str>>,
     /// Versions the client NACKed: not pushed again until they change.
-    rejected: HashMap<String, Arc<str>>,
+    rejected: HashMap<Name, Arc<str>>,
     /// Cache type version the last push was computed against.
     seen_version: u64,
     /// Next push must diff everything (new subscription, wildcard change).
@@ -447,7 +448,7 @@ impl AdsStream {
             sub.acked = req
                 .initial_resource_versions
                 .iter()
-                .map(|(k, v)| (k.clone(), Arc::from(v.as_str())))
+                .map(|(k, v)| (Name::from(k.as_str()), Arc::from(v.as_str())))
                 .collect();
             sub.full_diff = true;
             sub.must_respond = true;
@@ -470,15 +471,15 @@ impl AdsStream {
                     sub.wildcard = false;
                     // why: the client drops what it got through the wildcard itself.
                     let names = &sub.names;
-                    sub.acked.retain(|k, _| names.contains(k));
-                    sub.rejected.retain(|k, _| names.contains(k));
+                    sub.acked.retain(|k, _| names.contains(&**k));
+                    sub.rejected.retain(|k, _| names.contains(&**k));
                 }
             } else {
                 sub.names.remove(name);
                 sub.pending_names.remove(name);
                 if !sub.wildcard {
-                    sub.acked.remove(name);
-                    sub.rejected.remove(name);
+                    sub.acked.remove(name.as_str());
+                    sub.rejected.remove(name.as_str());
                 }
             }
         }
@@ -516,7 +517,7 @@ impl AdsStream {
             return Ok(());
         }
         // Names to look at, and the cache version they are relative to.
-        let (version, candidates): (u64, Vec<(String, Option<CachedResource>)>) = match (
+        let (version, candidates): (u64, Vec<(Name, Option<CachedResource>)>) = match (
             sub.full_diff,
             cache.changes_since(type_url, sub.seen_version),
         ) {
@@ -525,24 +526,28 @@ impl AdsStream {
                 (v, c)
             }
             (false, (v, Changes::Names(mut names))) => {
-                names.extend(sub.pending_names.iter().cloned());
-                let (_, c) = cache.get_many(type_url, names.iter().map(|s| s.as_str()));
+                names.extend(sub.pending_names.iter().map(|s| Name::from(s.as_str())));
+                let (_, c) = cache.get_many(type_url, names.iter().map(|s| &**s));
                 (v, c)
             }
             (_, (v, _)) => {
                 let (_, snap) = cache.snapshot(type_url);
-                let mut out: Vec<(String, Option<CachedResource>)> =
-                    snap.into_iter().map(|(k, r)| (k, Some(r))).collect();
-                let present: HashSet<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
-                let mut gone: BTreeSet<String> = sub
+                let gone: BTreeSet<Name> = sub
                     .acked
                     .keys()
                     .chain(sub.rejected.keys())
-                    .chain(sub.pending_names.iter())
-                    .filter(|k| !present.contains(k.as_str()))
+                    .filter(|k| !snap.contains_key(&***k))
                     .cloned()
+                    .chain(
+                        sub.pending_names
+                            .iter()
+                            .filter(|k| !snap.contains_key(k.as_str()))
+                            .map(|k| Name::from(k.as_str())),
+                    )
                     .collect();
-                out.extend(std::mem::take(&mut gone).into_iter().map(|k| (k, None)));
+                let mut out: Vec<(Name, Option<CachedResource>)> =
+                    snap.into_iter().map(|(k, r)| (k, Some(r))).collect();
+                out.extend(gone.into_iter().map(|k| (k, None)));
                 (v, out)
             }
         };
@@ -556,12 +561,20 @@ impl AdsStream {
             match res {
                 Some(r) => {
                     if sub.client_has(&name, &r.version) {
+                        // A reconnecting client's names were its own copies: share the cache's.
+                        if let Some((k, v)) = sub.acked.get_key_value(&*name)
+                            && !Arc::ptr_eq(k, &name)
+                            && *v == r.version
+                        {
+                            sub.acked.remove(&*name);
+                            sub.acked.insert(name, r.version);
+                        }
                         continue;
                     }
                     resources.push(Resource {
                         version: r.version.to_string(),
                         resource: Some((*r.resource).clone()),
-                        name: name.clone(),
+                        name: name.to_string(),
                         ..Default::default()
                     });
                     changes.push((name, Some(r.version)));
@@ -569,8 +582,8 @@ impl AdsStream {
                 None => {
                     // why: a named resource that does not exist is reported as removed, so a
                     // client waiting for it learns the answer.
-                    if sub.client_knows(&name) || sub.pending_names.contains(&name) {
-                        removed.push(name.clone());
+                    if sub.client_knows(&name) || sub.pending_names.contains(&*name) {
+                        removed.push(name.to_string());
                         changes.push((name, None));
                     }
                 }
