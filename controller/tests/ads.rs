@@ -102,6 +102,53 @@ async fn wildcard_subscribe_gets_everything() {
 }
 
 #[tokio::test]
+async fn large_initial_pushes_take_turns_without_letting_a_silent_client_stall_others() {
+    init();
+    let cache = ResourceCache::new();
+    let many: Vec<zmesh_core::state::Workload> = (0..1500)
+        .map(|i| {
+            let ip = format!("10.1.{}.{}", i / 200, i % 200 + 1);
+            workload("default", &format!("p{i}"), "sa", &ip, "node-1")
+        })
+        .collect();
+    cache.update(BTreeMap::from([(
+        ADDRESS_TYPE_URL.to_string(),
+        addresses(&many),
+    )]));
+    let opts = zmesh_controller::xds::server::AdsOptions {
+        debounce: DEBOUNCE,
+        concurrent_large_pushes: 1,
+        ..Default::default()
+    };
+    let h = AdsHarness::start_with(cache, opts, "127.0.0.1:0".parse().unwrap()).await;
+    let mut a = RawClient::connect(h.addr).await;
+    a.subscribe(ADDRESS_TYPE_URL, &[], BTreeMap::new()).await;
+    let ra = a.recv().await;
+    assert_eq!(ra.resources.len(), 1500);
+    // One slot, held by A until it answers: B waits.
+    let mut b = RawClient::connect(h.addr).await;
+    b.subscribe(ADDRESS_TYPE_URL, &[], BTreeMap::new()).await;
+    b.expect_silence(Duration::from_secs(1)).await;
+    a.ack(&ra).await;
+    let rb = tokio::time::timeout(Duration::from_secs(2), b.recv())
+        .await
+        .expect("B is served once A has ACKed");
+    assert_eq!(rb.resources.len(), 1500);
+    // B never answers: C still gets its state, after the bounded wait.
+    let started = std::time::Instant::now();
+    let mut c = RawClient::connect(h.addr).await;
+    c.subscribe(ADDRESS_TYPE_URL, &[], BTreeMap::new()).await;
+    let rc = tokio::time::timeout(Duration::from_secs(10), c.recv())
+        .await
+        .expect("a silent client delays others only for a bounded time");
+    assert_eq!(rc.resources.len(), 1500);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "C waited for the slot"
+    );
+}
+
+#[tokio::test]
 async fn one_change_reaches_a_connected_client_as_one_delta() {
     init();
     let h = AdsHarness::start(seeded_cache(), DEBOUNCE).await;

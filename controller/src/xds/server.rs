@@ -54,6 +54,12 @@ use super::cache::{CachedResource, Changes, Name, ResourceCache};
 pub const MAX_NAMES: usize = 200_000;
 /// Responses queued per stream before the stream's task waits for the client to read.
 const OUTBOUND_QUEUE: usize = 4;
+/// A push of at least this many resources (a client's initial sync) counts as large.
+const LARGE_PUSH_RESOURCES: usize = 1000;
+/// How long a large push waits for a slot before going out anyway (a client that never ACKs
+/// must not stall the others for longer than this).
+const LARGE_PUSH_WAIT: Duration = Duration::from_secs(5);
+
 /// Largest request accepted (initial_resource_versions of a large mesh fit easily).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// Largest response (Istio's ztunnel accepts 200 MiB).
@@ -69,6 +75,10 @@ pub struct AdsOptions {
     /// waypoint's L7 types, so a subscriber to a type that has no resources yet still gets its
     /// (empty) first response and can finish its initial sync.
     pub types: Vec<String>,
+    /// Large pushes (initial syncs) in flight at once, from build to ACK. When 100 proxies
+    /// connect together, building and encoding all their full states at once multiplied the
+    /// controller's peak memory (each is megabytes at 10k pods) for no gain in time.
+    pub concurrent_large_pushes: usize,
 }
 
 impl Default for AdsOptions {
@@ -81,6 +91,7 @@ impl Default for AdsOptions {
                 zmesh_proto::L7_SERVICE_TYPE_URL.to_string(),
                 zmesh_proto::L7_AUTHZ_TYPE_URL.to_string(),
             ],
+            concurrent_large_pushes: 8,
         }
     }
 }
@@ -141,6 +152,7 @@ struct Inner {
     metrics: Arc<AdsMetrics>,
     stop: CancellationToken,
     next_stream: AtomicU64,
+    large_pushes: Arc<tokio::sync::Semaphore>,
 }
 
 /// The ADS service. Clone freely; all clones share the cache, metrics and stop token.
@@ -160,6 +172,9 @@ impl AdsServer {
         AdsServer {
             inner: Arc::new(Inner {
                 cache,
+                large_pushes: Arc::new(tokio::sync::Semaphore::new(
+                    opts.concurrent_large_pushes.max(1),
+                )),
                 opts,
                 metrics,
                 stop,
@@ -226,6 +241,8 @@ struct InFlight {
     nonce: String,
     /// name → new version (None: removed).
     changes: Vec<(Name, Option<Arc<str>>)>,
+    /// A large push's slot, given back with the ACK/NACK (or when the stream ends).
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// One type's subscription on one stream.
@@ -551,6 +568,15 @@ impl AdsStream {
                 (v, out)
             }
         };
+        let slot = if candidates.len() >= LARGE_PUSH_RESOURCES {
+            let slots = self.inner.large_pushes.clone();
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return Err(End::Shutdown),
+                r = tokio::time::timeout(LARGE_PUSH_WAIT, slots.acquire_owned()) => r.ok().and_then(Result::ok),
+            }
+        } else {
+            None
+        };
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         let mut changes = Vec::new();
@@ -604,6 +630,7 @@ impl AdsStream {
         sub.inflight = Some(InFlight {
             nonce: nonce.clone(),
             changes,
+            _slot: slot,
         });
         let resp = DeltaDiscoveryResponse {
             system_version_info: version.to_string(),

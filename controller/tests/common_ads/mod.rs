@@ -97,17 +97,17 @@ impl AdsHarness {
     }
 
     pub async fn start_on(cache: Arc<ResourceCache>, debounce: Duration, addr: SocketAddr) -> Self {
+        let opts = AdsOptions {
+            debounce,
+            ..Default::default()
+        };
+        Self::start_with(cache, opts, addr).await
+    }
+
+    pub async fn start_with(cache: Arc<ResourceCache>, opts: AdsOptions, addr: SocketAddr) -> Self {
         let stop = CancellationToken::new();
         let metrics = Arc::new(AdsMetrics::default());
-        let ads = AdsServer::new(
-            cache.clone(),
-            AdsOptions {
-                debounce,
-                ..Default::default()
-            },
-            metrics.clone(),
-            stop.clone(),
-        );
+        let ads = AdsServer::new(cache.clone(), opts, metrics.clone(), stop.clone());
         let l = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = l.local_addr().unwrap();
         let st = stop.clone();
