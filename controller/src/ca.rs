@@ -38,7 +38,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use serde_json::Value;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use zmesh_core::ca::{CaError, CertificateAuthority};
@@ -305,10 +304,10 @@ impl<R: TokenReviewer> TokenAuthenticator for KubeAuthenticator<R> {
             let node = self
                 .store
                 .snapshot()
-                .get(&key)
-                .and_then(|p| p.pointer("/spec/nodeName"))
-                .and_then(Value::as_str)
-                .map(str::to_string);
+                .parsed::<crate::k8s::Pod>(&key)
+                .and_then(Result::ok)
+                .map(|p| p.spec.node_name.clone())
+                .filter(|n| !n.is_empty());
             return node.map(|node| Caller::Node { node }).ok_or_else(|| {
                 AuthError::Invalid(format!(
                     "node agent {namespace}/{sa}: its pod {namespace}/{pod} is unknown or not scheduled"
@@ -715,26 +714,20 @@ impl CaService {
             Caller::Node { node } => {
                 let snap = self.store.snapshot();
                 let mut nodes: Vec<String> = Vec::new();
-                for (key, pod) in snap.of_kind("Pod") {
-                    if key.namespace != identity.namespace() || is_terminated(pod) {
+                // Typed views (memoized): pods pass through here for every certificate.
+                for (key, pod) in snap.parsed_of_kind::<crate::k8s::Pod>("Pod") {
+                    let Ok(pod) = pod else { continue };
+                    if key.namespace != identity.namespace() || is_terminated(&pod) {
                         continue;
                     }
-                    let spec = pod.get("spec");
-                    let sa = spec
-                        .and_then(|s| {
-                            s.get("serviceAccountName")
-                                .or_else(|| s.get("serviceAccount"))
-                        })
-                        .and_then(Value::as_str)
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or("default");
+                    let sa = [&pod.spec.service_account_name, &pod.spec.service_account]
+                        .into_iter()
+                        .find(|s| !s.is_empty())
+                        .map_or("default", String::as_str);
                     if sa != identity.service_account() {
                         continue;
                     }
-                    let on = spec
-                        .and_then(|s| s.get("nodeName"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
+                    let on = pod.spec.node_name.as_str();
                     if on == node {
                         return Ok(());
                     }
@@ -762,11 +755,8 @@ impl CaService {
     }
 }
 
-fn is_terminated(pod: &Value) -> bool {
-    matches!(
-        pod.pointer("/status/phase").and_then(Value::as_str),
-        Some("Succeeded" | "Failed")
-    )
+fn is_terminated(pod: &crate::k8s::Pod) -> bool {
+    matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"))
 }
 
 fn bearer_token(md: &tonic::metadata::MetadataMap) -> Result<String, Status> {

@@ -134,7 +134,29 @@ async fn large_initial_pushes_take_turns_without_letting_a_silent_client_stall_o
         .await
         .expect("B is served once A has ACKed");
     assert_eq!(rb.resources.len(), 1500);
-    // B never answers: C still gets its state, after the bounded wait.
+    // A client syncing two large types holds one slot and gets both at once.
+    for i in 0..1200 {
+        let name = format!("default/p{i}");
+        h.cache.apply(
+            AUTHORIZATION_TYPE_URL,
+            BTreeMap::from([(name, policy_any("default", &format!("p{i}")))]),
+            vec![],
+        );
+    }
+    b.ack(&rb).await;
+    let mut d = RawClient::connect(h.addr).await;
+    let both = tokio::time::timeout(Duration::from_secs(2), sync_wildcard(&mut d))
+        .await
+        .expect("a stream never waits for a second slot while holding one");
+    assert_eq!(
+        (both.0.resources.len(), both.1.resources.len()),
+        (1500, 1200)
+    );
+    // B has its slot back; B's later push is small. Take the slot with a client that
+    // never answers, then C still gets its state, after the bounded wait.
+    let mut b = RawClient::connect(h.addr).await;
+    b.subscribe(ADDRESS_TYPE_URL, &[], BTreeMap::new()).await;
+    let _ = b.recv().await;
     let started = std::time::Instant::now();
     let mut c = RawClient::connect(h.addr).await;
     c.subscribe(ADDRESS_TYPE_URL, &[], BTreeMap::new()).await;

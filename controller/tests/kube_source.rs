@@ -245,7 +245,7 @@ async fn kubernetes_source_matches_file_source() {
     for info in KINDS {
         let objs: Vec<Value> = snap
             .of_kind(info.kind)
-            .map(|(_, v)| api.stamp(v.clone()))
+            .map(|(_, v)| api.stamp((*v).clone()))
             .collect();
         by_kind.insert(info.kind, objs);
     }

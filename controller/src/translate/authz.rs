@@ -638,7 +638,7 @@ fn parse_peer_auth(key: &ObjectKey, raw: &serde_json::Value) -> Result<PeerAuth,
 fn peer_authentications(snap: &Snapshot, opts: &TranslateOptions, pods: &Pods, c: &mut Compiled) {
     let mut all = Vec::new();
     for (key, raw) in snap.of_kind("PeerAuthentication") {
-        match parse_peer_auth(key, raw) {
+        match parse_peer_auth(key, &raw) {
             Ok(pa) => all.push(pa),
             Err(e) => {
                 tracing::error!(error = %e, "PeerAuthentication skipped");

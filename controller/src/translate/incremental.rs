@@ -391,7 +391,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let key = ObjectKey::new("Pod", "a", "p0");
-        let mut p = store.snapshot().get(&key).cloned().expect("pod");
+        let mut p = (*store.snapshot().get(&key).expect("pod")).clone();
         p["status"]["podIP"] = json!("10.1.2.3");
         p["status"]["phase"] = json!("Running");
         store.upsert(key.clone(), p.clone());

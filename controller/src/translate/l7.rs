@@ -121,19 +121,20 @@ impl<'a> Cx<'a> {
         &mut self,
         kind: &'a str,
         versions: &[&str],
-    ) -> Vec<(ObjectKey, &'a Value, Arc<T>)> {
+    ) -> Vec<(ObjectKey, Arc<Value>, Arc<T>)> {
         let snap: &'a Snapshot = self.snap;
-        let mut list: Vec<(&'a str, &'a ObjectKey, &'a Value)> = snap
+        let mut list: Vec<(String, &'a ObjectKey, Arc<Value>)> = snap
             .of_kind(kind)
             .map(|(k, v)| {
                 let ts = v
                     .pointer("/metadata/creationTimestamp")
                     .and_then(Value::as_str)
-                    .unwrap_or("");
+                    .unwrap_or("")
+                    .to_string();
                 (ts, k, v)
             })
             .collect();
-        list.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        list.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         let mut res = Vec::new();
         for (_, key, obj) in list {
             let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
@@ -603,7 +604,7 @@ fn virtual_services(cx: &mut Cx<'_>, drs: &DrIndex) {
             continue;
         }
         let mut warnings = Vec::new();
-        let vs = match virtual_service(&key, obj, &spec, drs, &mut warnings) {
+        let vs = match virtual_service(&key, &obj, &spec, drs, &mut warnings) {
             Ok(vs) => vs,
             Err(e) => {
                 for w in warnings {
@@ -1332,23 +1333,17 @@ fn subset_workloads(
         return Vec::new();
     }
     let mut uids: Vec<String> = snap
-        .of_kind("Pod")
-        .filter(|(k, _)| k.namespace == ns)
+        .parsed_in::<crate::k8s::Pod>("Pod", &ns)
+        .filter_map(|(k, pod)| Some((k, pod.ok()?)))
         .filter(|(_, pod)| {
-            let phase = pod
-                .pointer("/status/phase")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            if phase == "Succeeded" || phase == "Failed" {
+            if matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")) {
                 return false;
             }
-            let Some(pl) = pod.pointer("/metadata/labels").and_then(Value::as_object) else {
-                return false;
-            };
+            let pl = &pod.metadata.labels;
             selector
                 .iter()
                 .chain(labels.iter())
-                .all(|(k, v)| pl.get(k).and_then(Value::as_str) == Some(v.as_str()))
+                .all(|(k, v)| pl.get(k) == Some(v))
         })
         .map(|(k, _)| format!("{}//v1/Pod/{}/{}", opts.cluster_id, k.namespace, k.name))
         .collect();

@@ -115,7 +115,7 @@ pub(super) fn translate(cx: &mut Cx<'_>) {
             action: action as i32,
             targets,
             rules,
-            dry_run: annotation(obj, "istio.io/dry-run") == Some("true"),
+            dry_run: annotation(&obj, "istio.io/dry-run") == Some("true"),
         };
         cx.out.add(
             zmesh_proto::L7_AUTHZ_TYPE_URL,

@@ -78,7 +78,7 @@ pub(super) fn http_routes(cx: &mut Cx<'_>) {
         if parents.is_empty() {
             continue;
         }
-        let routes = match http_route(cx, &key, obj, &spec) {
+        let routes = match http_route(cx, &key, &obj, &spec) {
             Ok(r) => r,
             Err(e) => {
                 cx.report(&key, e);

@@ -242,7 +242,7 @@ struct InFlight {
     /// name → new version (None: removed).
     changes: Vec<(Name, Option<Arc<str>>)>,
     /// A large push's slot, given back with the ACK/NACK (or when the stream ends).
-    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// One type's subscription on one stream.
@@ -568,7 +568,16 @@ impl AdsStream {
                 (v, out)
             }
         };
-        let slot = if candidates.len() >= LARGE_PUSH_RESOURCES {
+        // why: a stream already holding a slot (its other type's initial sync, not yet ACKed)
+        // must not wait for a second one: it would not read that ACK while waiting.
+        let holds_slot = self
+            .types
+            .values()
+            .any(|t| t.inflight.as_ref().is_some_and(|f| f.slot.is_some()));
+        let Some(sub) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        let slot = if candidates.len() >= LARGE_PUSH_RESOURCES && !holds_slot {
             let slots = self.inner.large_pushes.clone();
             tokio::select! {
                 _ = self.inner.stop.cancelled() => return Err(End::Shutdown),
@@ -630,7 +639,7 @@ impl AdsStream {
         sub.inflight = Some(InFlight {
             nonce: nonce.clone(),
             changes,
-            _slot: slot,
+            slot,
         });
         let resp = DeltaDiscoveryResponse {
             system_version_info: version.to_string(),
