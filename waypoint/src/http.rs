@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 use zmesh_proto::l7;
 
+use crate::coalesce::Coalesce;
 use crate::matcher::{self, AuthzDecision, RequestView};
 use crate::sniff::Detected;
 use crate::stats::RequestLabels;
@@ -72,7 +73,7 @@ where
         Detected::Http2 => {
             builder
                 .http2_only()
-                .serve_connection(TokioIo::new(coalesce_writes(io)), svc)
+                .serve_connection(TokioIo::new(Coalesce::new(io)), svc)
                 .await
         }
         _ => {
@@ -85,19 +86,6 @@ where
     if let Err(e) = r {
         debug!("downstream HTTP connection ended with an error: {e}");
     }
-}
-
-/// Buffer for [`coalesce_writes`]: one default-size HTTP/2 frame and its header.
-const COALESCE_BUFFER: usize = 16 * 1024 + 9;
-
-/// An HTTP/2 connection carried inside an HBONE stream writes each frame in pieces (frame
-/// header, then payload, then the next frame...). Written straight into the tunnel, every
-/// piece became its own HBONE DATA frame, TLS record and `writev` (≈ 5 per request instead
-/// of 2), each waking the connection and the peer proxy again: the ≈ 1 ms per request, and
-/// the queue that never drained, of HTTP/2 through the waypoint. Buffered until h2 flushes
-/// (it always does after writing its frames), they leave as one DATA frame.
-pub(crate) fn coalesce_writes<S: tokio::io::AsyncWrite>(io: S) -> tokio::io::BufWriter<S> {
-    tokio::io::BufWriter::with_capacity(COALESCE_BUFFER, io)
 }
 
 fn full(b: impl Into<Bytes>) -> RespBody {

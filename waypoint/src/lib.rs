@@ -13,6 +13,7 @@
 //! used by the `waypoint` binary.
 
 pub mod app;
+pub mod coalesce;
 pub mod http;
 pub mod matcher;
 pub mod sniff;

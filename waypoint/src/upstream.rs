@@ -562,7 +562,7 @@ impl Upstreams {
         let closed = CancellationToken::new();
         let done = closed.clone();
         let sender = if h2 {
-            let io = TokioIo::new(crate::http::coalesce_writes(stream));
+            let io = TokioIo::new(crate::coalesce::Coalesce::new(stream));
             let (s, conn) = tokio::time::timeout(
                 self.cfg.connect_timeout,
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io),
