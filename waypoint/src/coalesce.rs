@@ -86,3 +86,51 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::AsyncWriteExt;
+
+    /// Records each write it gets.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn pieces_leave_as_one_write_per_flush() {
+        let w = Writes::default();
+        let mut c = Coalesce::new(w.clone());
+        c.write_all(b"frame head").await.unwrap();
+        c.write_all(&[7u8; 1024]).await.unwrap();
+        assert!(
+            w.0.lock().unwrap().is_empty(),
+            "nothing leaves before the flush"
+        );
+        // The first poll_flush defers once (self-wake); `flush()` completes regardless.
+        c.flush().await.unwrap();
+        c.write_all(b"next").await.unwrap();
+        c.flush().await.unwrap();
+        let writes = w.0.lock().unwrap();
+        assert_eq!(writes.len(), 2, "one write per flush");
+        assert_eq!(writes[0].len(), 10 + 1024);
+        assert_eq!(writes[1], b"next");
+    }
+}
