@@ -19,8 +19,10 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 
-/// One default-size HTTP/2 frame and its header.
-const BUFFER: usize = 16 * 1024 + 9;
+/// Room for a default-size (16 KiB) HTTP/2 frame, its header and what precedes it: a write
+/// at least this large bypasses the buffer, and unbuffered, a vectored frame would be sent as
+/// one HBONE DATA frame per slice (`H2Stream` writes one slice at a time).
+const BUFFER: usize = 32 * 1024;
 
 /// A write-coalescing wrapper (see the module docs). Reads pass through.
 pub struct Coalesce<S> {
@@ -132,5 +134,22 @@ mod tests {
         assert_eq!(writes.len(), 2, "one write per flush");
         assert_eq!(writes[0].len(), 10 + 1024);
         assert_eq!(writes[1], b"next");
+    }
+
+    #[tokio::test]
+    async fn a_full_frame_and_its_header_leave_together() {
+        let w = Writes::default();
+        let mut c = Coalesce::new(w.clone());
+        let (head, payload) = ([0u8; 9], vec![1u8; 16 * 1024]);
+        let mut bufs = [io::IoSlice::new(&head), io::IoSlice::new(&payload)];
+        let mut bufs = &mut bufs[..];
+        while !bufs.is_empty() {
+            let n = c.write_vectored(bufs).await.unwrap();
+            io::IoSlice::advance_slices(&mut bufs, n);
+        }
+        c.flush().await.unwrap();
+        let writes = w.0.lock().unwrap();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].len(), 9 + 16 * 1024);
     }
 }
