@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 use zmesh_proto::l7;
 
+use crate::coalesce::Coalesce;
 use crate::matcher::{self, AuthzDecision, RequestView};
 use crate::sniff::Detected;
 use crate::stats::RequestLabels;
@@ -63,16 +64,26 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(inner.cfg.max_header_bytes as u32)
         .max_concurrent_streams(1024);
-    let builder = match detected {
-        Detected::Http2 => builder.http2_only(),
-        _ => builder.http1_only(),
-    };
     let svc = hyper::service::service_fn(move |req| {
         let inner = inner.clone();
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(inner, ctx, req).await) }
     });
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+    let r = match detected {
+        Detected::Http2 => {
+            builder
+                .http2_only()
+                .serve_connection(TokioIo::new(Coalesce::new(io)), svc)
+                .await
+        }
+        _ => {
+            builder
+                .http1_only()
+                .serve_connection(TokioIo::new(io), svc)
+                .await
+        }
+    };
+    if let Err(e) = r {
         debug!("downstream HTTP connection ended with an error: {e}");
     }
 }
@@ -105,20 +116,17 @@ fn local_reply(status: u16, body: &str, flags: &'static str) -> (Response<RespBo
     (r, flags)
 }
 
-fn random_hex(n: usize) -> String {
-    (0..n)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
-}
-
+/// A random (version 4) UUID for `x-request-id`: one random draw, two allocations.
 fn uuid4() -> String {
-    let h = random_hex(16);
+    // Version nibble 4, RFC 4122 variant bits 10.
+    let r = rand::random::<u128>() & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
+    let h = format!("{r:032x}");
     format!(
-        "{}-{}-4{}-a{}-{}",
+        "{}-{}-{}-{}-{}",
         &h[0..8],
         &h[8..12],
-        &h[13..16],
-        &h[17..20],
+        &h[12..16],
+        &h[16..20],
         &h[20..32]
     )
 }
@@ -789,7 +797,8 @@ async fn forward_once(
         }
     }
     let req = Request::from_parts(parts, Full::new(body));
-    let th = tunnel_headers(ctx, &dest.host);
+    // Built only when a new upstream tunnel is opened (a reused connection needs none).
+    let th = || tunnel_headers(ctx, &dest.host);
     let r = inner
         .upstreams
         .send(&cluster, &ep, req, h2, admitted, th)

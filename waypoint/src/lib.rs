@@ -13,12 +13,14 @@
 //! used by the `waypoint` binary.
 
 pub mod app;
+pub mod coalesce;
 pub mod http;
 pub mod matcher;
 pub mod sniff;
 pub mod stats;
 pub mod store;
 pub mod upstream;
+pub mod worker;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use ::http::{HeaderMap, StatusCode};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use zmesh_core::certs::{CertificateManager, WorkloadCertificate};
 use zmesh_core::drain::Drain;
@@ -51,6 +54,12 @@ pub enum WaypointError {
     #[error("cannot bind the waypoint HBONE listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start waypoint worker {index}: {source}")]
+    Worker {
+        index: usize,
         #[source]
         source: std::io::Error,
     },
@@ -79,6 +88,9 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Time to receive a full HTTP/1 request head.
     pub header_read_timeout: Duration,
+    /// Worker threads, each a single-threaded runtime with its own HBONE listener
+    /// (`SO_REUSEPORT`) and upstream pool ([`worker`]). 0: serve on the caller's runtime.
+    pub workers: usize,
 }
 
 impl Config {
@@ -96,6 +108,7 @@ impl Config {
             max_request_body: 4 << 20,
             max_header_bytes: 64 << 10,
             header_read_timeout: Duration::from_secs(10),
+            workers: 0,
         }
     }
 }
@@ -111,6 +124,8 @@ pub struct Inner {
     pub l7_metrics: Arc<L7Metrics>,
     pub(crate) buckets: Mutex<HashMap<String, http::Bucket>>,
     pub drain: Drain,
+    /// Cancelled once draining is over: worker runtimes then stop (dropping what is left).
+    stopped: CancellationToken,
 }
 
 /// A running waypoint.
@@ -120,7 +135,7 @@ pub struct Waypoint {
 }
 
 impl Waypoint {
-    /// Bind the HBONE listener and serve.
+    /// Bind the HBONE listener(s) and serve.
     pub async fn start(
         cfg: Config,
         state: Arc<StateStore>,
@@ -128,19 +143,25 @@ impl Waypoint {
         certs: Arc<CertificateManager>,
         metrics: Arc<Metrics>,
     ) -> Result<Waypoint, WaypointError> {
-        let listener =
-            TcpListener::bind(cfg.hbone_addr)
-                .await
-                .map_err(|source| WaypointError::Bind {
-                    addr: cfg.hbone_addr,
-                    source,
-                })?;
-        let hbone_addr = listener
-            .local_addr()
-            .map_err(|source| WaypointError::Bind {
-                addr: cfg.hbone_addr,
-                source,
-            })?;
+        let bind_err = |source| WaypointError::Bind {
+            addr: cfg.hbone_addr,
+            source,
+        };
+        // Workers: the first socket picks the port (it may be 0), the others share it.
+        let mut std_listeners = Vec::new();
+        let mut hbone_addr = cfg.hbone_addr;
+        for _ in 0..cfg.workers {
+            let l = worker::reuseport_listener(hbone_addr).map_err(bind_err)?;
+            hbone_addr = l.local_addr().map_err(bind_err)?;
+            std_listeners.push(l);
+        }
+        let listener = if cfg.workers == 0 {
+            let l = TcpListener::bind(cfg.hbone_addr).await.map_err(bind_err)?;
+            hbone_addr = l.local_addr().map_err(bind_err)?;
+            Some(l)
+        } else {
+            None
+        };
         let pool = Pool::new(cfg.h2.clone(), PoolOptions::default(), certs.clone());
         let upstreams = Upstreams::new(
             UpstreamConfig {
@@ -152,6 +173,7 @@ impl Waypoint {
                 pending_timeout: Duration::from_secs(30),
             },
             pool,
+            cfg.workers,
         );
         certs.prefetch(&cfg.identity);
         let inner = Arc::new(Inner {
@@ -164,17 +186,23 @@ impl Waypoint {
             metrics,
             buckets: Mutex::new(HashMap::new()),
             drain: Drain::new(),
+            stopped: CancellationToken::new(),
         });
         let handler: Arc<dyn ConnectHandler> = Arc::new(Handler {
             inner: inner.clone(),
         });
-        tokio::spawn(server::serve(
-            listener,
-            cfg.h2.clone(),
-            handler,
-            inner.drain.clone(),
-        ));
-        info!(addr = %hbone_addr, identity = %cfg.identity, "waypoint started");
+        if let Some(listener) = listener {
+            tokio::spawn(server::serve(
+                listener,
+                cfg.h2.clone(),
+                handler.clone(),
+                inner.drain.clone(),
+            ));
+        }
+        for (index, l) in std_listeners.into_iter().enumerate() {
+            start_worker(index, l, inner.clone(), handler.clone()).await?;
+        }
+        info!(addr = %hbone_addr, identity = %cfg.identity, workers = cfg.workers, "waypoint started");
         Ok(Waypoint { inner, hbone_addr })
     }
 
@@ -182,12 +210,66 @@ impl Waypoint {
     pub fn shutdown(&self) {
         self.inner.drain.stopping().cancel();
         self.inner.drain.force_close().cancel();
+        self.inner.stopped.cancel();
     }
 
     /// Stop accepting, give live connections up to `grace` to finish, then close the rest.
     /// Returns how many connections were cut.
     pub async fn drain(&self, grace: Duration) -> usize {
-        self.inner.drain.shutdown(grace).await
+        let cut = self.inner.drain.shutdown(grace).await;
+        self.inner.stopped.cancel();
+        cut
+    }
+}
+
+/// Start worker `index` on its own thread with a single-threaded runtime serving `listener`.
+/// Returns once the worker runs (or could not start).
+async fn start_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    inner: Arc<Inner>,
+    handler: Arc<dyn ConnectHandler>,
+) -> Result<(), WaypointError> {
+    let err = |source| WaypointError::Worker { index, source };
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("waypoint-w{index}"))
+        .spawn(move || {
+            // Built here, not by the caller: a runtime must not be dropped in async context.
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            worker::set_index(index);
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let cfg = &inner.cfg;
+                inner.upstreams.set_worker_pool(
+                    index,
+                    Pool::new(cfg.h2.clone(), PoolOptions::default(), inner.certs.clone()),
+                );
+                let _ = started_tx.send(Ok(()));
+                let serve = server::serve(listener, cfg.h2.clone(), handler, inner.drain.clone());
+                // Keep the runtime (and the connections it drives) until draining is over.
+                tokio::join!(serve, inner.stopped.cancelled());
+            });
+        })
+        .map_err(err)?;
+    match started_rx.await {
+        Ok(r) => r.map_err(err),
+        Err(_) => Err(err(std::io::Error::other("worker thread exited at start"))),
     }
 }
 

@@ -84,6 +84,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
+    /// Worker threads serving traffic (Envoy's --concurrency), each with its own HBONE
+    /// listener and upstream connections; default: the number of available cores.
+    #[arg(long, env = "WAYPOINT_CONCURRENCY")]
+    concurrency: Option<usize>,
 }
 
 fn parse_peer_port(s: &str) -> Result<(String, u16), String> {
@@ -101,7 +105,10 @@ fn main() -> Result<()> {
     zmesh_core::tls::install_default_provider();
     let logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
     let _ = zmesh_core::socket::raise_fd_limit();
+    // Traffic runs on the workers' own runtimes (see `waypoint::worker`); this one only has
+    // the control plane (xDS, certificates, admin, metrics, readiness): one thread is plenty.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .thread_name("waypoint")
         .build()?;
@@ -182,6 +189,10 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.service_account.clone());
     wcfg.peer_hbone_ports = args.peer_hbone_ports.into_iter().collect();
+    wcfg.workers = args
+        .concurrency
+        .unwrap_or_else(waypoint::worker::default_concurrency)
+        .max(1);
     let mut cfg = AppConfig::new(wcfg);
     cfg.admin_addr = Some(args.admin);
     cfg.metrics_addr = Some(args.metrics);

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -155,7 +155,9 @@ pub struct Cluster {
     active_rq: AtomicU32,
     rr: AtomicUsize,
     health: Mutex<HashMap<String, EndpointHealth>>,
-    idle: Mutex<HashMap<SocketAddr, Vec<UpConn>>>,
+    /// Idle connections per (worker, endpoint): a connection's task runs on the worker that
+    /// opened it, so a request reuses only its own worker's connections and never hops threads.
+    idle: Mutex<HashMap<(usize, SocketAddr), Vec<UpConn>>>,
     pub stats: ClusterStats,
 }
 
@@ -309,7 +311,8 @@ fn fnv(parts: &[&[u8]]) -> u64 {
 /// connection (returned to the idle list when reusable), the connection slot, counters.
 pub struct Lease {
     cluster: Arc<Cluster>,
-    addr: SocketAddr,
+    /// (worker, endpoint) of the idle list the connection goes back to.
+    idle_key: (usize, SocketAddr),
     uid: String,
     conn: Option<UpConn>,
     permit: Option<OwnedSemaphorePermit>,
@@ -339,7 +342,7 @@ impl Drop for Lease {
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let list = idle.entry(self.addr).or_default();
+            let list = idle.entry(self.idle_key).or_default();
             // Bounded: never keep more idle connections than slots (or 64).
             let cap = self
                 .cluster
@@ -392,20 +395,41 @@ pub struct UpstreamConfig {
     pub pending_timeout: Duration,
 }
 
-/// All clusters and the HBONE pool.
+/// All clusters and the HBONE pools.
 pub struct Upstreams {
     pub cfg: UpstreamConfig,
+    /// Used off the worker threads (in-process tests serving on the caller's runtime).
     pool: Pool,
+    /// One pool per worker, set when the worker starts: an HBONE connection's driver task runs
+    /// on the runtime that opened it, so each worker must tunnel over its own connections to
+    /// keep a request on one thread (Envoy's per-worker connection pools).
+    worker_pools: Vec<OnceLock<Pool>>,
     clusters: Mutex<HashMap<String, Arc<Cluster>>>,
 }
 
 impl Upstreams {
-    pub fn new(cfg: UpstreamConfig, pool: Pool) -> Self {
+    pub fn new(cfg: UpstreamConfig, pool: Pool, workers: usize) -> Self {
         Upstreams {
             cfg,
             pool,
+            worker_pools: (0..workers).map(|_| OnceLock::new()).collect(),
             clusters: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Give worker `index` its own pool (created on that worker's runtime).
+    pub fn set_worker_pool(&self, index: usize, pool: Pool) {
+        if let Some(slot) = self.worker_pools.get(index) {
+            let _ = slot.set(pool);
+        }
+    }
+
+    /// The pool of the calling worker thread, else the shared one.
+    fn pool(&self) -> &Pool {
+        self.worker_pools
+            .get(crate::worker::index())
+            .and_then(OnceLock::get)
+            .unwrap_or(&self.pool)
     }
 
     /// The cluster named `name` with `policy`; rebuilt when the policy changed.
@@ -507,7 +531,7 @@ impl Upstreams {
             authority: ep.addr.to_string(),
             headers: tunnel_headers,
         };
-        tokio::time::timeout(self.cfg.connect_timeout, self.pool.connect(&key, req))
+        tokio::time::timeout(self.cfg.connect_timeout, self.pool().connect(&key, req))
             .await
             .map_err(|_| UpstreamError::Connect("HBONE connect timed out".into()))?
             .map_err(|e| UpstreamError::Connect(e.to_string()))
@@ -530,15 +554,15 @@ impl Upstreams {
             authority: ep.addr.to_string(),
             headers: tunnel_headers,
         };
-        let stream = tokio::time::timeout(self.cfg.connect_timeout, self.pool.connect(&key, req))
+        let stream = tokio::time::timeout(self.cfg.connect_timeout, self.pool().connect(&key, req))
             .await
             .map_err(|_| UpstreamError::Connect("HBONE connect timed out".into()))?
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
         cluster.stats.cx_total.fetch_add(1, Ordering::Relaxed);
-        let io = TokioIo::new(stream);
         let closed = CancellationToken::new();
         let done = closed.clone();
         let sender = if h2 {
+            let io = TokioIo::new(crate::coalesce::Coalesce::new(stream));
             let (s, conn) = tokio::time::timeout(
                 self.cfg.connect_timeout,
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io),
@@ -552,7 +576,7 @@ impl Upstreams {
             });
             Sender::H2(s)
         } else {
-            let (s, conn) = hyper::client::conn::http1::handshake(io)
+            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
             tokio::spawn(async move {
@@ -577,13 +601,14 @@ impl Upstreams {
         mut req: Request<Full<Bytes>>,
         h2: bool,
         admitted: (Option<OwnedSemaphorePermit>, ActiveRqGuard),
-        tunnel_headers: HeaderMap,
+        tunnel_headers: impl FnOnce() -> HeaderMap,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         let (permit, mut rq) = admitted;
+        let idle_key = (crate::worker::index(), ep.addr);
         let reused = {
             let mut idle = cluster.idle.lock().unwrap_or_else(PoisonError::into_inner);
             let mut found = None;
-            if let Some(list) = idle.get_mut(&ep.addr) {
+            if let Some(list) = idle.get_mut(&idle_key) {
                 while let Some(c) = list.pop() {
                     let ok = !c.closed.is_cancelled()
                         && match &c.sender {
@@ -602,14 +627,14 @@ impl Upstreams {
         };
         let mut conn = match reused {
             Some(c) => c,
-            None => self.open(cluster, ep, h2, tunnel_headers).await?,
+            None => self.open(cluster, ep, h2, tunnel_headers()).await?,
         };
         // Bound to a ready connection: no longer pending.
         rq.1 = None;
         cluster.track_active(&ep.workload.uid, 1);
         let lease = Lease {
             cluster: cluster.clone(),
-            addr: ep.addr,
+            idle_key,
             uid: ep.workload.uid.clone(),
             conn: None,
             permit,
