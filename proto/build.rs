@@ -27,5 +27,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .skip_protoc_run()
         .compile_fds(fds)?;
+
+    // The ADS server side again, answering with `DeltaDiscoveryResponseWire` (resources
+    // pre-encoded, byte-identical on the wire; see `src/ads_wire.rs`).
+    let codec = "tonic_prost::ProstCodec";
+    let ads = tonic_build::manual::Service::builder()
+        .name("AggregatedDiscoveryService")
+        .package("envoy.service.discovery.v3")
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("stream_aggregated_resources")
+                .route_name("StreamAggregatedResources")
+                .input_type("crate::discovery::DiscoveryRequest")
+                .output_type("crate::discovery::DiscoveryResponse")
+                .codec_path(codec)
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("delta_aggregated_resources")
+                .route_name("DeltaAggregatedResources")
+                .input_type("crate::discovery::DeltaDiscoveryRequest")
+                .output_type("crate::ads_wire::DeltaDiscoveryResponseWire")
+                .codec_path(codec)
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
+        .build();
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .compile(&[ads]);
     Ok(())
 }

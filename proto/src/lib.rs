@@ -46,6 +46,7 @@ pub mod zmesh {
     }
 }
 
+pub mod ads_wire;
 pub mod reflect;
 
 pub use envoy::service::discovery::v3 as discovery;

@@ -13,8 +13,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use prost::bytes::Bytes;
 use prost_types::Any;
 use tokio::sync::watch;
+use zmesh_proto::ads_wire::encode_resource;
 
 /// How many change batches each type remembers.
 const CHANGE_LOG_BATCHES: usize = 64;
@@ -31,6 +33,9 @@ pub struct CachedResource {
     /// Content hash (32 hex digits), stable across restarts.
     pub version: Arc<str>,
     pub resource: Arc<Any>,
+    /// The `envoy.service.discovery.v3.Resource` (name, version, resource) encoded once, for
+    /// every stream that sends it.
+    pub encoded: Bytes,
 }
 
 /// What changed in one type since a given type version.
@@ -308,9 +313,13 @@ impl ResourceCache {
 /// Store one resource unless identical; its (shared) name when it changed. Most resources are
 /// unchanged on an update: a byte comparison is cheaper than hashing.
 fn upsert(st: &mut TypeState, name: &str, any: Any) -> Option<Name> {
-    let fresh = |any: Any| CachedResource {
-        version: content_version(&any).into(),
-        resource: Arc::new(any),
+    let fresh = |any: Any| {
+        let version = content_version(&any);
+        CachedResource {
+            encoded: encode_resource(name, &version, &any),
+            version: version.into(),
+            resource: Arc::new(any),
+        }
     };
     match st.resources.get_key_value(name) {
         Some((_, old))

@@ -40,12 +40,13 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 use zmesh_core::xds::NodeId;
-use zmesh_proto::discovery::aggregated_discovery_service_server::{
+// why: the server answers with pre-encoded resources (same bytes on the wire as
+// `DeltaDiscoveryResponse`; see `zmesh_proto::ads_wire`).
+use zmesh_proto::ads_wire::DeltaDiscoveryResponseWire as DeltaDiscoveryResponse;
+use zmesh_proto::ads_wire::server::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use zmesh_proto::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
-};
+use zmesh_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse};
 
 use super::cache::{CachedResource, Changes, Name, ResourceCache};
 
@@ -606,12 +607,7 @@ impl AdsStream {
                         }
                         continue;
                     }
-                    resources.push(Resource {
-                        version: r.version.to_string(),
-                        resource: Some((*r.resource).clone()),
-                        name: name.to_string(),
-                        ..Default::default()
-                    });
+                    resources.push(r.encoded.clone());
                     changes.push((name, Some(r.version)));
                 }
                 None => {
