@@ -246,6 +246,10 @@ struct InFlight {
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// Name → version, per stream. why foldhash: SipHash of 12k names per initial sync was a
+/// tenth of the controller's CPU; foldhash is seeded per process, so still not predictable.
+type NameMap = HashMap<Name, Arc<str>, foldhash::quality::RandomState>;
+
 /// One type's subscription on one stream.
 #[derive(Default)]
 struct TypeSub {
@@ -253,9 +257,9 @@ struct TypeSub {
     names: BTreeSet<String>,
     /// What the client holds (initial_resource_versions, then ACKs). Names and versions are
     /// the cache's own allocations, shared.
-    acked: HashMap<Name, Arc<str>>,
+    acked: NameMap,
     /// Versions the client NACKed: not pushed again until they change.
-    rejected: HashMap<Name, Arc<str>>,
+    rejected: NameMap,
     /// Cache type version the last push was computed against.
     seen_version: u64,
     /// Next push must diff everything (new subscription, wildcard change).
