@@ -120,21 +120,111 @@ impl StoredObject {
     }
 }
 
+/// Objects of one kind in one namespace.
+type Shard = BTreeMap<ObjectKey, Arc<StoredObject>>;
+
 /// An immutable view of all objects, as translation sees them.
+///
+/// Objects are sharded by kind and namespace, and shards are shared between snapshots and
+/// copied on write: taking a snapshot copies a few hundred shard pointers, and a change copies
+/// only its own shard. (A flat map of 12 000 keys cost a 12 000-entry copy per translation —
+/// half of the work of a one-pod update.)
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    objects: BTreeMap<ObjectKey, Arc<StoredObject>>,
+    shards: BTreeMap<String, BTreeMap<String, Arc<Shard>>>,
+}
+
+/// Push onto `out` the keys that differ between two shards (walked in key order).
+fn diff_shards<'a>(
+    older: Option<&'a Shard>,
+    newer: Option<&'a Shard>,
+    out: &mut Vec<&'a ObjectKey>,
+) {
+    let (mut a, mut b) = (
+        older.into_iter().flatten().peekable(),
+        newer.into_iter().flatten().peekable(),
+    );
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return,
+            (Some((ka, _)), None) => {
+                out.push(*ka);
+                a.next();
+            }
+            (None, Some((kb, _))) => {
+                out.push(*kb);
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push(*ka);
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push(*kb);
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(va, vb) {
+                        out.push(*kb);
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
 }
 
 impl Snapshot {
-    /// Objects of one kind, in key order (keys sort by kind first, so this is a range).
+    fn shard(&self, kind: &str, namespace: &str) -> Option<&Arc<Shard>> {
+        self.shards.get(kind)?.get(namespace)
+    }
+
+    fn stored(&self, key: &ObjectKey) -> Option<&Arc<StoredObject>> {
+        self.shard(&key.kind, &key.namespace)?.get(key)
+    }
+
+    fn insert(&mut self, key: ObjectKey, obj: Arc<StoredObject>) {
+        let shard = self
+            .shards
+            .entry(key.kind.clone())
+            .or_default()
+            .entry(key.namespace.clone())
+            .or_default();
+        Arc::make_mut(shard).insert(key, obj);
+    }
+
+    fn remove(&mut self, key: &ObjectKey) -> bool {
+        let Some(by_ns) = self.shards.get_mut(&key.kind) else {
+            return false;
+        };
+        let Some(shard) = by_ns.get_mut(&key.namespace) else {
+            return false;
+        };
+        if !shard.contains_key(key) {
+            return false;
+        }
+        Arc::make_mut(shard).remove(key);
+        if shard.is_empty() {
+            by_ns.remove(&key.namespace);
+            if by_ns.is_empty() {
+                self.shards.remove(&key.kind);
+            }
+        }
+        true
+    }
+
+    /// Objects of one kind, in key order.
     fn stored_of_kind<'a>(
         &'a self,
         kind: &'a str,
     ) -> impl Iterator<Item = (&'a ObjectKey, &'a Arc<StoredObject>)> + 'a {
-        self.objects
-            .range(ObjectKey::new(kind, "", "")..)
-            .take_while(move |(k, _)| k.kind == kind)
+        self.shards
+            .get(kind)
+            .into_iter()
+            .flat_map(|by_ns| by_ns.values())
+            .flat_map(|shard| shard.iter())
     }
 
     /// All objects of one kind as JSON, in key order (deterministic translation output).
@@ -160,14 +250,14 @@ impl Snapshot {
         kind: &'a str,
         namespace: &'a str,
     ) -> impl Iterator<Item = (&'a ObjectKey, Result<Arc<T>, ParseError>)> + 'a {
-        self.objects
-            .range(ObjectKey::new(kind, namespace, "")..)
-            .take_while(move |(k, _)| k.kind == kind && k.namespace == namespace)
+        self.shard(kind, namespace)
+            .into_iter()
+            .flat_map(|shard| shard.iter())
             .map(|(k, v)| (k, v.parsed::<T>()))
     }
 
     pub fn get(&self, key: &ObjectKey) -> Option<Arc<Value>> {
-        self.objects.get(key).map(|v| v.raw())
+        self.stored(key).map(|v| v.raw())
     }
 
     /// The typed view `T` of one object (memoized, see [`StoredObject`]).
@@ -175,63 +265,51 @@ impl Snapshot {
         &self,
         key: &ObjectKey,
     ) -> Option<Result<Arc<T>, ParseError>> {
-        self.objects.get(key).map(|v| v.parsed::<T>())
+        self.stored(key).map(|v| v.parsed::<T>())
     }
 
     pub fn len(&self) -> usize {
-        self.objects.len()
+        self.shards
+            .values()
+            .flat_map(|by_ns| by_ns.values())
+            .map(|s| s.len())
+            .sum()
     }
 
     /// Keys added, changed or removed since `older` (objects are immutable and shared between
-    /// snapshots, so a changed object is a different allocation).
+    /// snapshots, so a changed object is a different allocation; unchanged shards are the same
+    /// allocation and skipped). Sorted by key.
     pub fn changed_since<'a>(&'a self, older: &'a Snapshot) -> Vec<&'a ObjectKey> {
         let mut out = Vec::new();
-        let (mut a, mut b) = (
-            older.objects.iter().peekable(),
-            self.objects.iter().peekable(),
-        );
-        loop {
-            match (a.peek(), b.peek()) {
-                (None, None) => return out,
-                (Some((ka, _)), None) => {
-                    out.push(*ka);
-                    a.next();
+        let kinds: std::collections::BTreeSet<&String> =
+            self.shards.keys().chain(older.shards.keys()).collect();
+        for kind in kinds {
+            let (a, b) = (older.shards.get(kind), self.shards.get(kind));
+            let namespaces: std::collections::BTreeSet<&String> = a
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .chain(b.into_iter().flat_map(|m| m.keys()))
+                .collect();
+            for ns in namespaces {
+                let (sa, sb) = (a.and_then(|m| m.get(ns)), b.and_then(|m| m.get(ns)));
+                if let (Some(x), Some(y)) = (sa, sb)
+                    && Arc::ptr_eq(x, y)
+                {
+                    continue;
                 }
-                (None, Some((kb, _))) => {
-                    out.push(*kb);
-                    b.next();
-                }
-                (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                    std::cmp::Ordering::Less => {
-                        out.push(*ka);
-                        a.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        out.push(*kb);
-                        b.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if !Arc::ptr_eq(va, vb) {
-                            out.push(*kb);
-                        }
-                        a.next();
-                        b.next();
-                    }
-                },
+                diff_shards(sa.map(|s| &**s), sb.map(|s| &**s), &mut out);
             }
         }
+        out
     }
 
     /// Whether any object of `kind` lives in `namespace`.
     pub fn any_in(&self, kind: &str, namespace: &str) -> bool {
-        self.objects
-            .range(ObjectKey::new(kind, namespace, "")..)
-            .next()
-            .is_some_and(|(k, _)| k.kind == kind && k.namespace == namespace)
+        self.shard(kind, namespace).is_some_and(|s| !s.is_empty())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
+        self.shards.is_empty()
     }
 
     /// Build a snapshot directly (tests, golden files).
@@ -239,7 +317,7 @@ impl Snapshot {
         let mut s = Snapshot::default();
         for o in objects {
             if let Some(k) = ObjectKey::of(&o) {
-                s.objects.insert(k, StoredObject::new(&o));
+                s.insert(k, StoredObject::new(&o));
             }
         }
         s
@@ -278,17 +356,17 @@ impl ObjectStore {
     /// Insert or replace one object. Returns false (and changes nothing) when it is identical.
     pub fn upsert(&self, key: ObjectKey, obj: Value) -> bool {
         let mut s = self.write();
-        if s.objects.get(&key).is_some_and(|old| old.same_as(&obj)) {
+        if s.stored(&key).is_some_and(|old| old.same_as(&obj)) {
             return false;
         }
-        s.objects.insert(key, StoredObject::new(&obj));
+        s.insert(key, StoredObject::new(&obj));
         drop(s);
         self.bump();
         true
     }
 
     pub fn remove(&self, key: &ObjectKey) -> bool {
-        let removed = self.write().objects.remove(key).is_some();
+        let removed = self.write().remove(key);
         if removed {
             self.bump();
         }
@@ -299,17 +377,22 @@ impl ObjectStore {
     /// directory): objects of those kinds not in the list are removed.
     pub fn replace_kinds(&self, kinds: &[&str], objects: Vec<(ObjectKey, Value)>) -> bool {
         let mut s = self.write();
-        let before = s.objects.len();
         let mut changed = false;
         let fresh: BTreeMap<ObjectKey, Value> = objects.into_iter().collect();
-        s.objects
-            .retain(|k, _| !kinds.contains(&k.kind.as_str()) || fresh.contains_key(k));
-        changed |= s.objects.len() != before;
+        let gone: Vec<ObjectKey> = kinds
+            .iter()
+            .flat_map(|kind| s.stored_of_kind(kind))
+            .filter(|(k, _)| !fresh.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            changed |= s.remove(k);
+        }
         for (k, v) in fresh {
-            if s.objects.get(&k).is_some_and(|old| old.same_as(&v)) {
+            if s.stored(&k).is_some_and(|old| old.same_as(&v)) {
                 continue;
             }
-            s.objects.insert(k, StoredObject::new(&v));
+            s.insert(k, StoredObject::new(&v));
             changed = true;
         }
         drop(s);
@@ -336,6 +419,40 @@ mod tests {
 
     fn pod(name: &str, ip: &str) -> Value {
         json!({"kind": "Pod", "metadata": {"name": name, "namespace": "default"}, "status": {"podIP": ip}})
+    }
+
+    #[test]
+    fn snapshots_are_isolated_and_report_what_changed() {
+        let s = ObjectStore::new();
+        for (n, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2")] {
+            let p = pod(n, ip);
+            s.upsert(ObjectKey::of(&p).unwrap(), p);
+        }
+        let other = json!({"kind": "Pod", "metadata": {"name": "c", "namespace": "other"}});
+        s.upsert(ObjectKey::of(&other).unwrap(), other);
+        let before = s.snapshot();
+        let b2 = pod("b", "10.0.0.9");
+        s.upsert(ObjectKey::of(&b2).unwrap(), b2);
+        s.remove(&ObjectKey::new("Pod", "default", "a"));
+        let d = pod("d", "10.0.0.4");
+        s.upsert(ObjectKey::of(&d).unwrap(), d);
+        let after = s.snapshot();
+        // The earlier snapshot is untouched (copy on write).
+        assert_eq!(before.len(), 3);
+        assert_eq!(
+            before.get(&ObjectKey::new("Pod", "default", "b")).unwrap()["status"]["podIP"],
+            "10.0.0.2"
+        );
+        let changed: Vec<String> = after
+            .changed_since(&before)
+            .iter()
+            .map(|k| k.name.clone())
+            .collect();
+        assert_eq!(changed, ["a", "b", "d"]);
+        assert!(after.changed_since(&after).is_empty());
+        assert!(after.any_in("Pod", "other") && !after.any_in("Pod", "nowhere"));
+        s.remove(&ObjectKey::new("Pod", "other", "c"));
+        assert!(!s.snapshot().any_in("Pod", "other"));
     }
 
     #[test]
