@@ -109,6 +109,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
+    /// Threads that run the proxy (Istio's ZTUNNEL_WORKER_THREADS). 1 runs everything on one
+    /// single-threaded runtime: no work-stealing scheduler, the cheapest per request.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
 }
 
 fn parse_peer_port(s: &str) -> Result<(String, u16), String> {
@@ -127,10 +131,16 @@ fn main() -> Result<()> {
     zmesh_core::tls::install_default_provider();
     let logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
     let _ = zmesh_core::socket::raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ztunnel")
-        .build()?;
+    let mut builder = match args.worker_threads {
+        0 => anyhow::bail!("--worker-threads must be at least 1"),
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let rt = builder.enable_all().thread_name("ztunnel").build()?;
     rt.block_on(run(args, logs))
 }
 

@@ -82,6 +82,8 @@ impl Target {
 pub struct InboundRequest {
     pub target: Target,
     pub headers: HeaderMap,
+    /// The stream's span (`connect{stream}` inside `hbone_server{conn, peer}`).
+    pub span: Span,
 }
 
 /// The answer to a CONNECT request.
@@ -134,6 +136,13 @@ pub trait ConnectHandler: Send + Sync + 'static {
 
     /// Ports of the proxy's own listeners, which a CONNECT must never target (loops).
     fn is_illegal_port(&self, port: u16) -> bool;
+
+    /// True when [`ConnectHandler::handle`] enters `req.span` itself wherever it logs above
+    /// debug level: the server then skips entering the span on every poll of the tunnel
+    /// unless debug logging is on ([`crate::telemetry::InstrumentVerbose`]).
+    fn enters_span_itself(&self) -> bool {
+        false
+    }
 }
 
 /// Accept HBONE connections on `listener` until `drain` says stop.
@@ -311,9 +320,13 @@ async fn serve_streams(
                 let info = conn_info.clone();
                 let stream_id = respond.stream_id().as_u32();
                 let span = info_span!(parent: &span, "connect", stream = stream_id);
-                drain.spawn(
-                    async move { dispatch(handler, info, req, respond).await }.instrument(span),
-                );
+                let quiet = handler.enters_span_itself();
+                let stream = dispatch(handler, info, req, respond, span.clone());
+                if quiet {
+                    drain.spawn(stream.instrument_verbose(span));
+                } else {
+                    drain.spawn(stream.instrument(span));
+                }
             }
         }
     }
@@ -324,6 +337,7 @@ async fn dispatch(
     conn: Arc<ServerConn>,
     req: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
+    span: Span,
 ) {
     let (parts, recv) = req.into_parts();
     let responder = Responder { respond, recv };
@@ -352,6 +366,7 @@ async fn dispatch(
             InboundRequest {
                 target,
                 headers: parts.headers,
+                span,
             },
             responder,
         )
