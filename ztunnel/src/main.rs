@@ -109,9 +109,11 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
-    /// Threads that run the proxy (Istio's ZTUNNEL_WORKER_THREADS). 1 runs everything on one
-    /// single-threaded runtime: no work-stealing scheduler, the cheapest per request.
-    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    /// Threads that run the data path (Istio's ZTUNNEL_WORKER_THREADS). With 1, the data path
+    /// runs on a single-threaded runtime (no work-stealing scheduler: the cheapest per request)
+    /// and the control plane on a thread of its own; with more, both share one multi-threaded
+    /// runtime.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
 }
 
@@ -131,17 +133,34 @@ fn main() -> Result<()> {
     zmesh_core::tls::install_default_provider();
     let logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
     let _ = zmesh_core::socket::raise_fd_limit();
-    let mut builder = match args.worker_threads {
+    let (rt, control) = match args.worker_threads {
         0 => anyhow::bail!("--worker-threads must be at least 1"),
-        1 => tokio::runtime::Builder::new_current_thread(),
+        1 => {
+            let data = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let control = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .thread_name("ztunnel-control")
+                .build()?;
+            (data, Some(control))
+        }
         n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .thread_name("ztunnel")
+                .build()?;
+            (rt, None)
         }
     };
-    let rt = builder.enable_all().thread_name("ztunnel").build()?;
-    rt.block_on(run(args, logs))
+    let handle = control.as_ref().map(|c| c.handle().clone());
+    let result = rt.block_on(run(args, logs, handle));
+    // Data path first: its tasks may still hold handles into the control runtime.
+    drop(rt);
+    drop(control);
+    result
 }
 
 /// The control plane's TLS settings from the flags.
@@ -161,10 +180,17 @@ fn control_plane_tls(args: &Args, trust_domain: &str) -> Result<Option<ControlPl
     }))
 }
 
-async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
+async fn run(
+    args: Args,
+    logs: zmesh_core::telemetry::LogHandle,
+    control: Option<tokio::runtime::Handle>,
+) -> Result<()> {
+    let ctl = control
+        .clone()
+        .unwrap_or_else(tokio::runtime::Handle::current);
     // Start-up (the kernel BTF parsed to load the eBPF programs) and bulk transfers leave free
     // heap that glibc would keep; hand it back within a second (~15 MB at start otherwise).
-    tokio::spawn(zmesh_core::process::trim_free_memory_every(
+    ctl.spawn(zmesh_core::process::trim_free_memory_every(
         Duration::from_secs(1),
     ));
     let token = args
@@ -248,6 +274,7 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
         local_config: args.local_config.clone(),
         peer_hbone_ports: args.peer_hbone_ports.into_iter().collect(),
+        control,
         ..Config::default()
     };
     let zt = Ztunnel::start(cfg, source, provider, Some(logs)).await?;
