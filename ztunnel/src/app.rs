@@ -89,7 +89,10 @@ impl AdminHandler for Dump {
     }
 }
 
-fn bind_opt(addr: Option<SocketAddr>, transparent: bool) -> Result<Option<TcpListener>, AppError> {
+async fn bind_opt(
+    addr: Option<SocketAddr>,
+    transparent: bool,
+) -> Result<Option<TcpListener>, AppError> {
     match addr {
         Some(a) => Ok(Some(socket::listen(a, transparent)?)),
         None => Ok(None),
@@ -122,23 +125,13 @@ impl Ztunnel {
         let servers = CancellationToken::new();
         let quit = CancellationToken::new();
 
-        let ctl = cfg
-            .control
-            .clone()
-            .unwrap_or_else(tokio::runtime::Handle::current);
-        let outbound_l = bind_opt(cfg.outbound_addr, cfg.transparent)?;
-        let inbound_l = bind_opt(cfg.inbound_plaintext_addr, cfg.transparent)?;
+        let outbound_l = bind_opt(cfg.outbound_addr, cfg.transparent).await?;
+        let inbound_l = bind_opt(cfg.inbound_plaintext_addr, cfg.transparent).await?;
         let hbone_l = socket::listen(cfg.hbone_addr, cfg.transparent)?;
-        let socks_l = bind_opt(cfg.socks5_addr, false)?;
-        // Registered with the control runtime's I/O driver, which serves them.
-        let (admin_l, metrics_l, ready_l) = {
-            let _ctl = ctl.enter();
-            (
-                bind_opt(cfg.admin_addr, false)?,
-                bind_opt(cfg.metrics_addr, false)?,
-                bind_opt(cfg.readiness_addr, false)?,
-            )
-        };
+        let socks_l = bind_opt(cfg.socks5_addr, false).await?;
+        let admin_l = bind_opt(cfg.admin_addr, false).await?;
+        let metrics_l = bind_opt(cfg.metrics_addr, false).await?;
+        let ready_l = bind_opt(cfg.readiness_addr, false).await?;
         let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
         let addrs = BoundAddrs {
             outbound: local(&outbound_l),
@@ -186,14 +179,14 @@ impl Ztunnel {
         // Configuration.
         let source_name = source.name().to_string();
         let st = state.clone();
-        ctl.spawn(async move {
+        tokio::spawn(async move {
             if let Err(e) = source.run(st).await {
                 error!(source = %source_name, "config source stopped: {e}");
             }
         });
         let st = state.clone();
         let stop = servers.clone();
-        ctl.spawn(async move {
+        tokio::spawn(async move {
             let mut rx = st.generation();
             loop {
                 if st.is_synced() {
@@ -206,8 +199,8 @@ impl Ztunnel {
                 }
             }
         });
-        ctl.spawn(track_local_certificates(pi.clone(), servers.clone()));
-        ctl.spawn(pi.connections.clone().watch(state.clone(), servers.clone()));
+        tokio::spawn(track_local_certificates(pi.clone(), servers.clone()));
+        tokio::spawn(pi.connections.clone().watch(state.clone(), servers.clone()));
 
         // Data plane.
         let inbound: Arc<dyn server::ConnectHandler> = Arc::new(Inbound { pi: pi.clone() });
@@ -232,7 +225,6 @@ impl Ztunnel {
         // look healthy (its enrolled pods would not be captured).
         let redirect = (cfg.redirect.clone()).map(|rc| {
             let ready = readiness.register("redirect");
-            let _ctl = ctl.enter();
             crate::redirect::spawn(pi.clone(), rc, servers.clone(), ready)
         });
 
@@ -244,7 +236,7 @@ impl Ztunnel {
                 redirect,
             });
             let (q, s) = (quit.clone(), servers.clone());
-            ctl.spawn(async move {
+            tokio::spawn(async move {
                 let serve = admin::serve_admin(l, handler, logs, q);
                 tokio::select! {
                     _ = s.cancelled() => {}
@@ -253,10 +245,10 @@ impl Ztunnel {
             });
         }
         if let Some(l) = metrics_l {
-            ctl.spawn(admin::serve_metrics(l, metrics.clone(), servers.clone()));
+            tokio::spawn(admin::serve_metrics(l, metrics.clone(), servers.clone()));
         }
         if let Some(l) = ready_l {
-            ctl.spawn(admin::serve_readiness(
+            tokio::spawn(admin::serve_readiness(
                 l,
                 readiness.clone(),
                 servers.clone(),

@@ -55,10 +55,6 @@ pub struct Config {
     pub local_config: Option<PathBuf>,
     /// eBPF capture of enrolled pods (needs root); `None`: no redirection.
     pub redirect: Option<crate::redirect::RedirectConfig>,
-    /// Runtime for the control plane (config source, certificates, policy re-checks, eBPF
-    /// reconcile, admin, metrics, readiness), so a large config push or a certificate signing
-    /// does not stall the data path; `None`: the runtime that calls `Ztunnel::start`.
-    pub control: Option<tokio::runtime::Handle>,
 }
 
 impl Default for Config {
@@ -86,7 +82,6 @@ impl Default for Config {
             drain_grace: Duration::from_secs(5),
             local_config: None,
             redirect: None,
-            control: None,
         }
     }
 }

@@ -109,11 +109,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
-    /// Threads that run the data path (Istio's ZTUNNEL_WORKER_THREADS; default 2 as Istio's).
-    /// With 1, the data path runs on a single-threaded runtime (no work-stealing scheduler:
-    /// ~15 % less CPU per small request on a 2-core node) and the control plane on a thread of
-    /// its own; with more, both share one multi-threaded runtime. Experimental: one waypoint
-    /// mirror scenario of the end-to-end tests loses a mirrored request with 1.
+    /// Tokio worker threads (Istio's ZTUNNEL_WORKER_THREADS; default 2 as Istio's). 1 costs
+    /// ~15 % less CPU per small request on a 2-core node (no work stealing between workers),
+    /// but then a large config push or a certificate signing holds up every connection while
+    /// it runs.
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
 }
@@ -134,34 +133,15 @@ fn main() -> Result<()> {
     zmesh_core::tls::install_default_provider();
     let logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
     let _ = zmesh_core::socket::raise_fd_limit();
-    let (rt, control) = match args.worker_threads {
-        0 => anyhow::bail!("--worker-threads must be at least 1"),
-        1 => {
-            let data = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let control = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .thread_name("ztunnel-control")
-                .build()?;
-            (data, Some(control))
-        }
-        n => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(n)
-                .enable_all()
-                .thread_name("ztunnel")
-                .build()?;
-            (rt, None)
-        }
-    };
-    let handle = control.as_ref().map(|c| c.handle().clone());
-    let result = rt.block_on(run(args, logs, handle));
-    // Data path first: its tasks may still hold handles into the control runtime.
-    drop(rt);
-    drop(control);
-    result
+    if args.worker_threads == 0 {
+        anyhow::bail!("--worker-threads must be at least 1");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads)
+        .enable_all()
+        .thread_name("ztunnel")
+        .build()?;
+    rt.block_on(run(args, logs))
 }
 
 /// The control plane's TLS settings from the flags.
@@ -181,17 +161,10 @@ fn control_plane_tls(args: &Args, trust_domain: &str) -> Result<Option<ControlPl
     }))
 }
 
-async fn run(
-    args: Args,
-    logs: zmesh_core::telemetry::LogHandle,
-    control: Option<tokio::runtime::Handle>,
-) -> Result<()> {
-    let ctl = control
-        .clone()
-        .unwrap_or_else(tokio::runtime::Handle::current);
+async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
     // Start-up (the kernel BTF parsed to load the eBPF programs) and bulk transfers leave free
     // heap that glibc would keep; hand it back within a second (~15 MB at start otherwise).
-    ctl.spawn(zmesh_core::process::trim_free_memory_every(
+    tokio::spawn(zmesh_core::process::trim_free_memory_every(
         Duration::from_secs(1),
     ));
     let token = args
@@ -275,7 +248,6 @@ async fn run(
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
         local_config: args.local_config.clone(),
         peer_hbone_ports: args.peer_hbone_ports.into_iter().collect(),
-        control,
         ..Config::default()
     };
     let zt = Ztunnel::start(cfg, source, provider, Some(logs)).await?;
