@@ -317,9 +317,71 @@ pub fn capture_access_logs() -> AccessLogCapture {
     AccessLogCapture { buf }
 }
 
+/// Like [`tracing::Instrument::instrument`] for the long-lived, steady-state part of a
+/// connection (the byte copy, an HTTP/2 connection driver), but the span is entered on a poll
+/// only while debug or trace logging is on.
+///
+/// Entering and leaving a span on every poll costs ~1 µs of subscriber bookkeeping (registry
+/// stack and reference count, a lookup per filtered layer); these futures are polled twice per
+/// small request, and only the debug/trace events of h2 and our own `debug!`s fire inside
+/// them. At info level nothing logs there, so the span would be entered for nobody. Events
+/// above debug level that such a future emits must enter the span themselves
+/// (`span.in_scope(|| warn!(..))`) to keep their context.
+pub trait InstrumentVerbose: Sized {
+    fn instrument_verbose(self, span: tracing::Span) -> VerboseInstrumented<Self> {
+        VerboseInstrumented { inner: self, span }
+    }
+}
+
+impl<F: std::future::Future> InstrumentVerbose for F {}
+
+pin_project_lite::pin_project! {
+    /// See [`InstrumentVerbose`].
+    pub struct VerboseInstrumented<F> {
+        #[pin]
+        inner: F,
+        span: tracing::Span,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for VerboseInstrumented<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        // One relaxed atomic load; the subscriber updates it when /logging changes the filter.
+        if LevelFilter::current() > LevelFilter::INFO {
+            let _entered = this.span.enter();
+            this.inner.poll(cx)
+        } else {
+            this.inner.poll(cx)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With debug logging on, the span is entered while the future runs (so h2's and our
+    /// debug events inside it keep their context). The info-level case is not tested: the
+    /// level is process-wide and other tests install verbose subscribers concurrently.
+    #[test]
+    fn instrument_verbose_enters_the_span_at_debug() {
+        let sub = tracing_subscriber::registry().with(LevelFilter::DEBUG);
+        tracing::subscriber::with_default(sub, || {
+            let span = tracing::info_span!("verbose_test");
+            let id = span.id();
+            let inside = futures::executor::block_on(
+                async { tracing::Span::current().id() }.instrument_verbose(span),
+            );
+            assert!(id.is_some());
+            assert_eq!(inside, id);
+        });
+    }
 
     #[test]
     fn capture_sees_access_log_fields() {

@@ -109,6 +109,12 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
+    /// Tokio worker threads (Istio's ZTUNNEL_WORKER_THREADS; default 2 as Istio's). 1 costs
+    /// ~15 % less CPU per small request on a 2-core node (no work stealing between workers),
+    /// but then a large config push or a certificate signing holds up every connection while
+    /// it runs.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
 }
 
 fn parse_peer_port(s: &str) -> Result<(String, u16), String> {
@@ -127,7 +133,11 @@ fn main() -> Result<()> {
     zmesh_core::tls::install_default_provider();
     let logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
     let _ = zmesh_core::socket::raise_fd_limit();
+    if args.worker_threads == 0 {
+        anyhow::bail!("--worker-threads must be at least 1");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads)
         .enable_all()
         .thread_name("ztunnel")
         .build()?;

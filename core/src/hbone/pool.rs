@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request, StatusCode, Version};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, info_span, warn};
 
 use super::{H2Config, H2Stream, HboneError, StreamSlot, next_connection_id};
 use crate::certs::CertificateManager;
 use crate::identity::Identity;
 use crate::socket::{self, ConnectOptions};
+use crate::telemetry::InstrumentVerbose;
 
 /// What identifies a reusable HBONE connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -323,6 +324,8 @@ impl Pool {
         let driver_slots = slots.clone();
         let (interval, timeout) = (cfg.keepalive_interval, cfg.keepalive_timeout);
         let span = info_span!("hbone_client", conn = id, %peer, src = %key.src_id);
+        let warn_span = span.clone();
+        // Polled for every frame: the span is entered only when debug logging is on.
         tokio::spawn(
             async move {
                 debug!("connection open");
@@ -333,12 +336,12 @@ impl Pool {
                         Err(e) => debug!("connection ended: {e}"),
                     },
                     reason = keepalive(ping, interval, timeout) => {
-                        warn!("closing HBONE connection: {reason}");
+                        warn_span.in_scope(|| warn!("closing HBONE connection: {reason}"));
                     }
                 }
                 driver_slots.closed.store(true, Ordering::Release);
             }
-            .instrument(span),
+            .instrument_verbose(span),
         );
         Ok(PooledConn { id, send, slots })
     }

@@ -14,12 +14,13 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, Method, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, Span, debug, info_span, warn};
 
 use super::{H2Config, H2Stream, h2_io_error, next_connection_id};
 use crate::certs::WorkloadCertificate;
 use crate::drain::Drain;
 use crate::identity::Identity;
+use crate::telemetry::InstrumentVerbose;
 
 /// One accepted HBONE (TLS + HTTP/2) connection.
 #[derive(Debug, Clone)]
@@ -81,6 +82,8 @@ impl Target {
 pub struct InboundRequest {
     pub target: Target,
     pub headers: HeaderMap,
+    /// The stream's span (`connect{stream}` inside `hbone_server{conn, peer}`).
+    pub span: Span,
 }
 
 /// The answer to a CONNECT request.
@@ -133,6 +136,13 @@ pub trait ConnectHandler: Send + Sync + 'static {
 
     /// Ports of the proxy's own listeners, which a CONNECT must never target (loops).
     fn is_illegal_port(&self, port: u16) -> bool;
+
+    /// True when [`ConnectHandler::handle`] enters `req.span` itself wherever it logs above
+    /// debug level: the server then skips entering the span on every poll of the tunnel
+    /// unless debug logging is on ([`crate::telemetry::InstrumentVerbose`]).
+    fn enters_span_itself(&self) -> bool {
+        false
+    }
 }
 
 /// Accept HBONE connections on `listener` until `drain` says stop.
@@ -162,9 +172,7 @@ pub async fn serve(
         let d = drain.clone();
         let id = next_connection_id();
         let span = info_span!("hbone_server", conn = id, %peer);
-        drain.spawn(
-            async move { serve_conn(id, tcp, peer, cfg, handler, d).await }.instrument(span),
-        );
+        drain.spawn(serve_conn(id, tcp, peer, cfg, handler, d, span));
     }
 }
 
@@ -175,12 +183,36 @@ async fn serve_conn(
     cfg: H2Config,
     handler: Arc<dyn ConnectHandler>,
     drain: Drain,
+    span: Span,
 ) {
+    let Some((conn, info)) = establish(id, tcp, peer, &cfg, handler.as_ref())
+        .instrument(span.clone())
+        .await
+    else {
+        return;
+    };
+    // The connection driver is polled for every frame: its span is entered only when debug
+    // logging is on (streams get it as their parent explicitly).
+    serve_streams(conn, info, handler, drain, span.clone())
+        .instrument_verbose(span)
+        .await
+}
+
+type ServerConnection = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
+
+/// TLS and HTTP/2 handshakes; `None` when they failed (reported to the handler).
+async fn establish(
+    id: u64,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    cfg: &H2Config,
+    handler: &dyn ConnectHandler,
+) -> Option<(ServerConnection, Arc<ServerConn>)> {
     let local = match tcp.local_addr() {
         Ok(a) => a,
         Err(e) => {
             debug!("connection gone before handshake: {e}");
-            return;
+            return None;
         }
     };
     let _ = tcp.set_nodelay(true);
@@ -189,7 +221,7 @@ async fn serve_conn(
         Err(reason) => {
             handler.handshake_failed(peer, local, "TLS_FAILURE", &reason);
             debug!("no certificate for {local}: {reason}");
-            return;
+            return None;
         }
     };
     let tls_cfg = match cert.server_config() {
@@ -197,7 +229,7 @@ async fn serve_conn(
         Err(e) => {
             handler.handshake_failed(peer, local, "TLS_FAILURE", &e.to_string());
             warn!("cannot build TLS config for {}: {e}", cert.identity);
-            return;
+            return None;
         }
     };
     let tls = match tokio::time::timeout(
@@ -211,11 +243,11 @@ async fn serve_conn(
             let reason = crate::tls::describe_handshake_error(&e);
             debug!("TLS handshake failed: {reason}");
             handler.handshake_failed(peer, local, "TLS_FAILURE", &reason);
-            return;
+            return None;
         }
         Err(_) => {
             handler.handshake_failed(peer, local, "TLS_FAILURE", "TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
@@ -234,12 +266,12 @@ async fn serve_conn(
         .max_send_buffer_size(cfg.server_send_buffer)
         .max_concurrent_streams(cfg.server_max_concurrent_streams)
         .handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+    let conn = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             handler.handshake_failed(peer, local, "H2_HANDSHAKE_FAILURE", &e.to_string());
             debug!("HTTP/2 handshake failed: {e}");
-            return;
+            return None;
         }
         Err(_) => {
             handler.handshake_failed(
@@ -248,10 +280,21 @@ async fn serve_conn(
                 "H2_HANDSHAKE_FAILURE",
                 "HTTP/2 handshake timed out",
             );
-            return;
+            return None;
         }
     };
     debug!(peer_identity = ?conn_info.peer_identity, "HBONE connection established");
+    Some((conn, conn_info))
+}
+
+/// Accept CONNECT streams until the connection ends or shutdown cuts it.
+async fn serve_streams(
+    mut conn: ServerConnection,
+    conn_info: Arc<ServerConn>,
+    handler: Arc<dyn ConnectHandler>,
+    drain: Drain,
+    span: Span,
+) {
     let stop = drain.stopping();
     let force = drain.force_close();
     let mut draining = false;
@@ -276,10 +319,14 @@ async fn serve_conn(
                 let handler = handler.clone();
                 let info = conn_info.clone();
                 let stream_id = respond.stream_id().as_u32();
-                let span = info_span!("connect", stream = stream_id);
-                drain.spawn(
-                    async move { dispatch(handler, info, req, respond).await }.instrument(span),
-                );
+                let span = info_span!(parent: &span, "connect", stream = stream_id);
+                let quiet = handler.enters_span_itself();
+                let stream = dispatch(handler, info, req, respond, span.clone());
+                if quiet {
+                    drain.spawn(stream.instrument_verbose(span));
+                } else {
+                    drain.spawn(stream.instrument(span));
+                }
             }
         }
     }
@@ -290,6 +337,7 @@ async fn dispatch(
     conn: Arc<ServerConn>,
     req: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
+    span: Span,
 ) {
     let (parts, recv) = req.into_parts();
     let responder = Responder { respond, recv };
@@ -318,6 +366,7 @@ async fn dispatch(
             InboundRequest {
                 target,
                 headers: parts.headers,
+                span,
             },
             responder,
         )

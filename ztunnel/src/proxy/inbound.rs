@@ -11,14 +11,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderValue, StatusCode};
-use tracing::{debug, info, warn};
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info, warn};
 use zmesh_core::authz::{ConnectionAttributes, Decision};
 use zmesh_core::certs::WorkloadCertificate;
+use zmesh_core::hbone::H2Stream;
 use zmesh_core::hbone::server::{ConnectHandler, InboundRequest, Responder, ServerConn, Target};
 use zmesh_core::metrics::{Reporter, ResponseFlags, SecurityPolicy};
 use zmesh_core::socket::{self, ConnectOptions};
 use zmesh_core::state::{Service, Workload};
-use zmesh_core::telemetry::AccessLog;
+use zmesh_core::telemetry::{AccessLog, InstrumentVerbose};
 
 use super::outbound::with_flags;
 use super::{InboundRelay, ProxyInputs, relay_inbound, traffic_labels};
@@ -71,32 +73,14 @@ impl Inbound {
         Some((w, SocketAddr::new(ip, target_port), svc))
     }
 
-    fn source_workload(&self, ip: IpAddr, conn: &ServerConn) -> Option<Arc<Workload>> {
-        // The connection comes from the source pod's address (ztunnel keeps it); believe the
-        // lookup only when the certificate says the same identity.
-        let w = self.pi.state.read().workload_by_ip(ip)?;
-        (Some(w.identity()) == conn.peer_identity).then_some(w)
-    }
-}
-
-#[async_trait::async_trait]
-impl ConnectHandler for Inbound {
-    async fn certificate(&self, local: SocketAddr) -> Result<Arc<WorkloadCertificate>, String> {
-        let Some(w) = self.pi.local_workload(local.ip()) else {
-            return Err(format!(
-                "no workload on node {} has address {}; cannot choose a certificate",
-                self.pi.cfg.node,
-                local.ip()
-            ));
-        };
-        self.pi
-            .certs
-            .fetch(&w.identity())
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn handle(&self, conn: Arc<ServerConn>, req: InboundRequest, responder: Responder) {
+    /// Validate, authorize and connect one CONNECT request; `None` when it was refused
+    /// (answered, counted and logged here).
+    async fn open(
+        &self,
+        conn: Arc<ServerConn>,
+        req: InboundRequest,
+        responder: Responder,
+    ) -> Option<(H2Stream, TcpStream, InboundRelay)> {
         let started = Instant::now();
         let pi = &self.pi;
         let (dst, target, service) = match &req.target {
@@ -115,7 +99,7 @@ impl ConnectHandler for Inbound {
                         ResponseFlags::Connect,
                     ));
                     responder.reject(StatusCode::SERVICE_UNAVAILABLE);
-                    return;
+                    return None;
                 };
                 let svc =
                     forwarded_host(&req.headers).and_then(|h| pi.state.read().service_by_host(&h));
@@ -126,7 +110,7 @@ impl ConnectHandler for Inbound {
                 None => {
                     debug!(target = %req.target, "no local endpoint for service");
                     responder.reject(StatusCode::SERVICE_UNAVAILABLE);
-                    return;
+                    return None;
                 }
             },
         };
@@ -138,7 +122,7 @@ impl ConnectHandler for Inbound {
         {
             warn!(target = %target, local = %local_ip, "CONNECT target does not match the address the connection was sent to");
             responder.reject(StatusCode::BAD_REQUEST);
-            return;
+            return None;
         }
         // The request's headers are not needed past this point; don't keep them for the
         // connection's lifetime.
@@ -166,7 +150,7 @@ impl ConnectHandler for Inbound {
                     "connection refused: the destination uses a waypoint and the peer is not it"
                 );
                 responder.reject(StatusCode::UNAUTHORIZED);
-                return;
+                return None;
             }
         }
         let src = self.source_workload(conn.peer.ip(), &conn);
@@ -209,7 +193,7 @@ impl ConnectHandler for Inbound {
             }
             .emit();
             responder.reject(StatusCode::UNAUTHORIZED);
-            return;
+            return None;
         }
         let opts = ConnectOptions {
             source: pi.cfg.keep_source_address.then_some(conn.peer.ip()),
@@ -223,14 +207,14 @@ impl ConnectHandler for Inbound {
                 labels.response_flags = ResponseFlags::Connect;
                 pi.metrics.tcp.record_failure(&labels);
                 responder.reject(StatusCode::SERVICE_UNAVAILABLE);
-                return;
+                return None;
             }
         };
         let tunnel = match responder.accept(response_baggage(&dst)) {
             Ok(t) => t,
             Err(e) => {
                 debug!("peer went away before the tunnel opened: {e}");
-                return;
+                return None;
             }
         };
         let log = AccessLog {
@@ -254,7 +238,53 @@ impl ConnectHandler for Inbound {
             log,
             started,
         };
-        relay_inbound(pi, tunnel, upstream, relay).await;
+        Some((tunnel, upstream, relay))
+    }
+
+    fn source_workload(&self, ip: IpAddr, conn: &ServerConn) -> Option<Arc<Workload>> {
+        // The connection comes from the source pod's address (ztunnel keeps it); believe the
+        // lookup only when the certificate says the same identity.
+        let w = self.pi.state.read().workload_by_ip(ip)?;
+        (Some(w.identity()) == conn.peer_identity).then_some(w)
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectHandler for Inbound {
+    async fn certificate(&self, local: SocketAddr) -> Result<Arc<WorkloadCertificate>, String> {
+        let Some(w) = self.pi.local_workload(local.ip()) else {
+            return Err(format!(
+                "no workload on node {} has address {}; cannot choose a certificate",
+                self.pi.cfg.node,
+                local.ip()
+            ));
+        };
+        self.pi
+            .certs
+            .fetch(&w.identity())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn handle(&self, conn: Arc<ServerConn>, req: InboundRequest, responder: Responder) {
+        let span = req.span.clone();
+        let Some((tunnel, upstream, relay)) = self
+            .open(conn, req, responder)
+            .instrument(span.clone())
+            .await
+        else {
+            return;
+        };
+        // The copy is polled for every chunk: the span is entered only when debug logging is
+        // on; the access log at the end is written inside it.
+        let log = relay_inbound(&self.pi, tunnel, upstream, relay)
+            .instrument_verbose(span.clone())
+            .await;
+        span.in_scope(|| log.emit());
+    }
+
+    fn enters_span_itself(&self) -> bool {
+        true
     }
 
     fn handshake_failed(

@@ -97,7 +97,7 @@ pub async fn handle(
             log,
             started,
         };
-        relay_inbound(&pi, client, upstream, relay).await;
+        relay_inbound(&pi, client, upstream, relay).await.emit();
         debug!("plaintext connection finished");
     }
     .instrument(span)

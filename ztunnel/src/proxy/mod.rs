@@ -174,13 +174,13 @@ pub(crate) struct InboundRelay {
 
 /// Copy between the downstream side (a tunnel or a plaintext client) and the local workload
 /// until both are done, the connection is no longer authorized, or shutdown cuts it; then
-/// report metrics and the access log.
+/// report metrics and return the access log to write.
 pub(crate) async fn relay_inbound<D: BytesStream>(
     pi: &ProxyInputs,
     mut downstream: D,
     mut upstream: TcpStream,
     r: InboundRelay,
-) {
+) -> AccessLog {
     let tracked = pi
         .connections
         .track(next_connection_id(), r.attrs, r.dst.uid.clone());
@@ -209,5 +209,4 @@ pub(crate) async fn relay_inbound<D: BytesStream>(
         error,
         ..r.log
     }
-    .emit();
 }

@@ -21,7 +21,7 @@ use zmesh_core::identity::Identity;
 use zmesh_core::metrics::{ConnectionRecorder, Reporter, ResponseFlags, SecurityPolicy, TcpLabels};
 use zmesh_core::socket::{self, ConnectOptions, SocketError};
 use zmesh_core::state::{GatewayAddress, GatewayDestination, Service, TunnelProtocol, Workload};
-use zmesh_core::telemetry::AccessLog;
+use zmesh_core::telemetry::{AccessLog, InstrumentVerbose};
 
 use super::{ProxyInputs, traffic_labels};
 
@@ -413,8 +413,13 @@ pub(crate) fn with_flags(mut labels: TcpLabels, flags: ResponseFlags) -> TcpLabe
 }
 
 /// Copy between the client and an established upstream until both sides are done; then
-/// report bytes and write the access log.
-pub async fn relay(pi: Arc<ProxyInputs>, client: TcpStream, est: Established, started: Instant) {
+/// report bytes and return the access log to write.
+pub async fn relay(
+    pi: Arc<ProxyInputs>,
+    client: TcpStream,
+    est: Established,
+    started: Instant,
+) -> AccessLog {
     let Established {
         id,
         upstream,
@@ -444,7 +449,7 @@ pub async fn relay(pi: Arc<ProxyInputs>, client: TcpStream, est: Established, st
         }
     };
     drop(recorder);
-    AccessLog {
+    let log = AccessLog {
         src_addr: Some(src_addr),
         src_workload: Some(src.name.clone()),
         src_namespace: Some(src.namespace.clone()),
@@ -463,9 +468,9 @@ pub async fn relay(pi: Arc<ProxyInputs>, client: TcpStream, est: Established, st
         bytes_recv: stats.b_to_a(),
         duration: started.elapsed(),
         error,
-    }
-    .emit();
+    };
     debug!(conn = id, "outbound connection finished");
+    log
 }
 
 async fn copy_until<A: BytesStream, B: BytesStream>(
@@ -489,27 +494,33 @@ pub async fn handle(
 ) {
     let started = Instant::now();
     let span = info_span!("outbound", src = %peer, dst = %orig_dst);
-    async move {
-        // Boxed: connection setup (TLS and HTTP/2 handshakes) has a large state that would
-        // otherwise stay in the task's allocation for the connection's whole life.
-        match Box::pin(connect(&pi, peer, orig_dst)).await {
-            Ok(est) => relay(pi, client, est, started).await,
-            Err(e) => {
-                warn!("outbound connection failed: {e}");
-                AccessLog {
-                    src_addr: Some(peer),
-                    dst_addr: Some(orig_dst),
-                    direction: "outbound",
-                    duration: started.elapsed(),
-                    error: Some(e.to_string()),
-                    ..AccessLog::default()
-                }
-                .emit();
-            }
+    // Boxed: connection setup (TLS and HTTP/2 handshakes) has a large state that would
+    // otherwise stay in the task's allocation for the connection's whole life.
+    let connected = Box::pin(connect(&pi, peer, orig_dst))
+        .instrument(span.clone())
+        .await;
+    match connected {
+        Ok(est) => {
+            // The copy is polled for every chunk: its span is entered only when debug logging
+            // is on; the access log at the end is written inside it.
+            let log = relay(pi, client, est, started)
+                .instrument_verbose(span.clone())
+                .await;
+            span.in_scope(|| log.emit());
         }
+        Err(e) => span.in_scope(|| {
+            warn!("outbound connection failed: {e}");
+            AccessLog {
+                src_addr: Some(peer),
+                dst_addr: Some(orig_dst),
+                direction: "outbound",
+                duration: started.elapsed(),
+                error: Some(e.to_string()),
+                ..AccessLog::default()
+            }
+            .emit();
+        }),
     }
-    .instrument(span)
-    .await
 }
 
 /// The 15001 listener: the accepted socket's local address is the original destination

@@ -168,7 +168,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
         match Box::pin(outbound::connect(&pi, peer, dst)).await {
             Ok(est) => {
                 reply(&mut client, REP_SUCCEEDED).await;
-                outbound::relay(pi, client, est, started).await;
+                outbound::relay(pi, client, est, started).await.emit();
             }
             Err(e) => {
                 warn!(%dst, "SOCKS5 connection failed: {e}");
