@@ -554,9 +554,38 @@ impl Drop for ConnectionRecorder {
     }
 }
 
+/// Sum of the samples of `metric` in a Prometheus text exposition whose labels include all of
+/// `labels`; `None` when no sample matches. For readers of `/metrics` (tests, `zmesh status`).
+pub fn sample_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let prefix = format!("{metric}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| {
+            labels.iter().all(|(k, v)| {
+                let pair = format!("{k}=\"{v}\"");
+                l.contains(&format!("{{{pair}")) || l.contains(&format!(",{pair}"))
+            })
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sample_sum_adds_matching_samples_only() {
+        let text = "# TYPE x counter\n\
+            x_total{a=\"1\",b=\"2\"} 3\n\
+            x_total{a=\"1\",b=\"9\"} 4\n\
+            x_total{xa=\"1\"} 100\n\
+            x_total_other{a=\"1\"} 50\n";
+        assert_eq!(sample_sum(text, "x_total", &[("a", "1")]), Some(7.0));
+        assert_eq!(sample_sum(text, "x_total", &[("b", "9")]), Some(4.0));
+        assert_eq!(sample_sum(text, "x_total", &[("a", "2")]), None);
+        assert_eq!(sample_sum(text, "y_total", &[]), None);
+    }
 
     fn labels() -> TcpLabels {
         TcpLabels {

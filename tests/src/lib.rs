@@ -1136,19 +1136,9 @@ impl Capture {
     }
 }
 
-/// Sum of the samples of `metric` in a Prometheus text exposition whose labels include all
-/// of `labels` (0 when none does).
+/// Sum of the samples of `metric` whose labels include all of `labels` (0 when none does).
 pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let prefix = format!("{metric}{{");
-    text.lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    zmesh_core::metrics::sample_sum(text, metric, labels).unwrap_or(0.0)
 }
 
 /// Remove ANSI colour sequences (`ESC [ ... m`).

@@ -477,15 +477,7 @@ pub async fn get(mesh: &Mesh, path: &str, headers: &[(&str, &str)]) -> Resp {
         .expect("request succeeds")
 }
 
-/// Sum of samples of `metric` whose labels contain all of `labels`.
+/// Sum of the samples of `metric` whose labels include all of `labels` (0 when none does).
 pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    zmesh_core::metrics::sample_sum(text, metric, labels).unwrap_or(0.0)
 }

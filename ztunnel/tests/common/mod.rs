@@ -219,17 +219,9 @@ pub async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Value of the first sample of `metric` whose label set contains all of `labels`.
+/// Sum of the samples of `metric` whose labels include all of `labels`.
 pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
+    zmesh_core::metrics::sample_sum(text, metric, labels)
 }
 
 /// Poll until `f` is true (connections close asynchronously).
