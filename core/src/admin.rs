@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | 15000 (loopback only) | [`serve_admin`] | `/`, `/config_dump`, `/logging`, `/quitquitquit` |
 //! | 15020 | [`serve_metrics`] | `/metrics`, `/stats/prometheus` |
-//! | 15021 | [`serve_readiness`] | `/healthz/ready` |
+//! | 15021 | [`serve_readiness`] | `/healthz/ready`, `/healthz/live` |
 //!
 //! All three share one small HTTP/1 server loop: a header-read timeout and a connection lifetime cap
 //! so a stuck client cannot hold a slot forever, a bound on concurrent connections, one task per
@@ -462,6 +462,15 @@ pub async fn serve_readiness(
                     )
                 }
             }
+            // Liveness: answered by the process's own event loop (a TCP probe is answered by the
+            // kernel even when the process is wedged). Always 200 while it runs: an unready
+            // proxy (control plane away) must not be restarted and lose its last good config.
+            "/healthz/live" => {
+                if !is_get(req.method()) {
+                    return method_not_allowed("GET");
+                }
+                text(StatusCode::OK, "alive")
+            }
             other => not_found(other),
         }
     })
@@ -704,6 +713,11 @@ mod tests {
         let r = request(addr, Method::GET, "/healthz/ready").await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(r.body.contains("certificate, xds"), "{}", r.body);
+        let live = request(addr, Method::GET, "/healthz/live").await;
+        assert_eq!(
+            (live.status, live.body.as_str()),
+            (StatusCode::OK, "alive\n")
+        );
 
         xds.ready();
         let r = request(addr, Method::GET, "/healthz/ready").await;

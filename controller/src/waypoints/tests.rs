@@ -138,7 +138,10 @@ fn deployment_runs_the_waypoint_safely() {
         c["readinessProbe"]["httpGet"],
         json!({"path": "/healthz/ready", "port": 15021})
     );
-    assert_eq!(c["livenessProbe"]["tcpSocket"], json!({"port": 15021}));
+    assert_eq!(
+        c["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz/live", "port": 15021})
+    );
     let ports: Vec<i64> = c["ports"]
         .as_array()
         .unwrap()
