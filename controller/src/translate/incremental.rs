@@ -124,11 +124,6 @@ impl Incremental {
         });
         Output::Full(out)
     }
-
-    /// Forget the previous translation (the next one is full).
-    pub fn reset(&mut self) {
-        self.prev = None;
-    }
 }
 
 #[cfg(test)]
