@@ -85,6 +85,10 @@ pub struct NetnsReport {
     /// The same ztunnels while the pods were not enrolled (should be ~0).
     pub cpu_s_per_1k_req_direct_node0: Option<f64>,
     pub cpu_s_per_1k_req_direct_node1: Option<f64>,
+    /// The echo server's CPU per 1000 requests (direct, mesh): one wake-up, one read and one
+    /// write per request — the floor of any process on this machine; a ztunnel wakes twice.
+    pub echo_server_cpu_s_per_1k_req_direct: Option<f64>,
+    pub echo_server_cpu_s_per_1k_req_mesh: Option<f64>,
     /// Larger of the two ztunnels' peak VmRSS sampled during the mesh rr phase (1000 rps).
     pub rss_mb: Option<f64>,
     pub rss_mb_node0: Option<f64>,
@@ -126,6 +130,8 @@ struct PathResult {
     tput_cpu: [f64; 2],
     rr: phases::RequestResponse,
     rr_cpu: [f64; 2],
+    /// The echo server's CPU seconds during the recorded rr phase.
+    rr_sink_cpu: f64,
     rr_rss_peak: Vec<f64>,
 }
 
@@ -145,6 +151,8 @@ fn measure(
     args: &NetnsArgs,
 ) -> Result<PathResult> {
     let (discard, echo) = (sink.discard, sink.echo);
+    let sink_pid = sink.proc.pid();
+    let sink_cpu = move || sys::cpu_seconds(sink_pid).unwrap_or(0.0);
     let tdur = Duration::from_secs_f64(args.throughput_secs);
     let (rate, rdur, warm, size) = (
         args.rr_rate,
@@ -158,12 +166,15 @@ fn measure(
             let tput = phases::throughput(path, discard, 1, tdur)?;
             let c1 = cpu_pair(zt);
             let mut rr_c0 = [0.0; 2];
+            let mut rr_s0 = 0.0;
             let sampler = std::cell::RefCell::new(None);
             let rr = phases::request_response(path, echo, rate, rdur, warm, size, &mut || {
                 rr_c0 = cpu_pair(zt);
+                rr_s0 = sink_cpu();
                 *sampler.borrow_mut() = Some(sys::RssSampler::start(zt.to_vec()));
             })?;
             let rr_c1 = cpu_pair(zt);
+            let rr_sink_cpu = sink_cpu() - rr_s0;
             let rr_rss_peak = sampler
                 .into_inner()
                 .map(sys::RssSampler::finish)
@@ -173,6 +184,7 @@ fn measure(
                 tput_cpu: [c1[0] - c0[0], c1[1] - c0[1]],
                 rr,
                 rr_cpu: [rr_c1[0] - rr_c0[0], rr_c1[1] - rr_c0[1]],
+                rr_sink_cpu,
                 rr_rss_peak,
             })
         };
@@ -325,6 +337,8 @@ pub fn run(args: NetnsArgs) -> Result<()> {
     r.cpu_s_per_1k_req = Some(per_1k((captured.rr_cpu[0] + captured.rr_cpu[1]) / 2.0, n));
     r.cpu_s_per_1k_req_direct_node0 = Some(per_1k(direct.rr_cpu[0], d.n));
     r.cpu_s_per_1k_req_direct_node1 = Some(per_1k(direct.rr_cpu[1], d.n));
+    r.echo_server_cpu_s_per_1k_req_direct = Some(per_1k(direct.rr_sink_cpu, d.n));
+    r.echo_server_cpu_s_per_1k_req_mesh = Some(per_1k(captured.rr_sink_cpu, n));
     if let [a, b] = captured.rr_rss_peak.as_slice() {
         r.rss_mb_node0 = Some(round(*a, 1));
         r.rss_mb_node1 = Some(round(*b, 1));
@@ -417,6 +431,12 @@ impl NetnsReport {
                 verdict(self.cpu_s_per_1k_req, |x| x <= TARGET_CPU_S_PER_1K)
             ),
             ISTIO_CPU_S_PER_1K
+        ));
+        s.push_str(&format!(
+            "{:<40}{:>9}{:>9}   (1 wake-up per request; a ztunnel has 2)\n",
+            "echo server CPU s / 1000 req",
+            f(self.echo_server_cpu_s_per_1k_req_direct, 3),
+            f(self.echo_server_cpu_s_per_1k_req_mesh, 3),
         ));
         s.push_str(&format!(
             "{:<40}{:>9}{:>9}{:>13}  {:<18}{}\n",

@@ -688,6 +688,19 @@ impl Cluster {
     fn create_network(&mut self) -> Result<()> {
         let fab = self.fabric_ns();
         self.add_ns(&fab)?;
+        // The fabric stands for the physical network between nodes: frames crossing it must
+        // not run through the host's iptables (br_netfilter defaults to on in every new netns
+        // and would charge a netfilter pass per packet to whichever process sent it).
+        for k in [
+            "net.bridge.bridge-nf-call-iptables",
+            "net.bridge.bridge-nf-call-ip6tables",
+            "net.bridge.bridge-nf-call-arptables",
+        ] {
+            let path = format!("/proc/sys/{}", k.replace('.', "/"));
+            if std::path::Path::new(&path).exists() {
+                Self::sysctl(&fab, k, "0")?;
+            }
+        }
         ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &fab, "link", "set", "br0", "up"])?;
         for i in 0..self.mesh.nodes {
