@@ -311,12 +311,17 @@ struct Slot {
     task: AbortHandle,
 }
 
-/// Per-identity certificate cache with background renewal.
+/// Per-identity certificate cache with background renewal. The fetchers run on the runtime
+/// that created the manager (else on the caller's, when created outside a runtime).
 pub struct CertificateManager {
     provider: Arc<dyn CertificateProvider>,
     options: ManagerOptions,
     slots: RwLock<HashMap<Identity, Slot>>,
     rotations: Arc<AtomicU64>,
+    /// Where fetchers run: the runtime that created the manager (a proxy's control runtime).
+    /// A first fetch may come from a data-path worker; its fetcher (and the renewals after
+    /// it) must not live and die with that worker, and CA calls belong off the data threads.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl CertificateManager {
@@ -339,6 +344,7 @@ impl CertificateManager {
             options,
             slots: RwLock::new(HashMap::new()),
             rotations: Arc::new(AtomicU64::new(0)),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -440,9 +446,12 @@ impl CertificateManager {
         if let Some(slot) = slots.get(id) {
             return Ok(slot.rx.clone());
         }
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| CertError::NoRuntime {
-            identity: id.clone(),
-        })?;
+        let handle = match &self.runtime {
+            Some(h) => h.clone(),
+            None => tokio::runtime::Handle::try_current().map_err(|_| CertError::NoRuntime {
+                identity: id.clone(),
+            })?,
+        };
         let (tx, rx) = watch::channel(CertState::Initializing);
         let worker = Worker {
             identity: id.clone(),
@@ -685,6 +694,27 @@ mod tests {
             WorkloadCertificate::from_pem_chain(identity, &garbage, key),
             Err(CertError::BadPem { index: 1, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn fetcher_outlives_the_runtime_that_asked_first() {
+        let provider = TestProvider::new(Duration::from_millis(50), vec![]);
+        let mgr = CertificateManager::new(provider.clone(), Duration::from_secs(3600));
+        let identity = id(SLEEP);
+        // A data-path worker's runtime asks first, then goes away (worker shut down).
+        let (m, i) = (mgr.clone(), identity.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async { m.prefetch(&i) });
+        })
+        .join()
+        .unwrap();
+        let cert = mgr.fetch(&identity).await.expect("the fetcher still runs");
+        assert_eq!(cert.identity, identity);
+        assert_eq!(provider.calls(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

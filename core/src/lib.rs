@@ -9,6 +9,7 @@
 //! | [`state`], [`authz`] | workloads, services and policies indexed for lookup; Istio's L4 authorization |
 //! | [`metrics`], [`admin`], [`telemetry`] | Prometheus metrics with Istio names, admin/metrics/readiness servers, logging |
 //! | [`socket`], [`drain`], [`process`] | socket options (transparent, marks), graceful shutdown, allocator tuning |
+//! | [`worker`] | data-path worker threads (Envoy's model): per-worker runtime, `SO_REUSEPORT` listeners |
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
@@ -25,4 +26,5 @@ pub mod socket;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod worker;
 pub mod xds;

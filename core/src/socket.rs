@@ -62,10 +62,40 @@ impl SocketError {
     }
 }
 
-/// Bind a TCP listener. `transparent` sets `IP_TRANSPARENT`, which lets the listener accept
-/// connections steered to it by eBPF (`bpf_sk_assign`) whatever their destination address;
-/// the accepted socket's local address is then the original destination.
+/// How [`bind_listener`] sets up a listening socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListenOptions {
+    /// `IP_TRANSPARENT`: accept connections steered to the listener by eBPF
+    /// (`bpf_sk_assign`) whatever their destination address; the accepted socket's local
+    /// address is then the original destination.
+    pub transparent: bool,
+    /// `SO_REUSEPORT`: several sockets (one per worker thread) share the address and the
+    /// kernel spreads new connections over them (see [`crate::worker`]).
+    pub reuse_port: bool,
+}
+
+/// Backlog of every listener (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+/// Bind a TCP listener on the current runtime. `transparent`: see
+/// [`ListenOptions::transparent`].
 pub fn listen(addr: SocketAddr, transparent: bool) -> Result<TcpListener, SocketError> {
+    let l = bind_listener(
+        addr,
+        ListenOptions {
+            transparent,
+            reuse_port: false,
+        },
+    )?;
+    TcpListener::from_std(l).map_err(|source| SocketError::Listen { addr, source })
+}
+
+/// Bind a non-blocking TCP listener not yet tied to a runtime, so that the runtime of the
+/// thread that will accept on it (a worker's) can adopt it with `TcpListener::from_std`.
+pub fn bind_listener(
+    addr: SocketAddr,
+    opts: ListenOptions,
+) -> Result<std::net::TcpListener, SocketError> {
     let domain = Domain::for_address(addr);
     let sock = Socket::new(
         domain,
@@ -75,15 +105,19 @@ pub fn listen(addr: SocketAddr, transparent: bool) -> Result<TcpListener, Socket
     .map_err(|source| SocketError::Listen { addr, source })?;
     sock.set_reuse_address(true)
         .map_err(|source| SocketError::Listen { addr, source })?;
-    if transparent {
+    if opts.reuse_port {
+        sock.set_reuse_port(true)
+            .map_err(|source| SocketError::Listen { addr, source })?;
+    }
+    if opts.transparent {
         set_transparent(&sock, addr.is_ipv6())
             .map_err(|source| SocketError::Transparent { addr, source })?;
     }
     sock.bind(&addr.into())
         .map_err(|source| SocketError::Listen { addr, source })?;
-    sock.listen(4096)
+    sock.listen(BACKLOG)
         .map_err(|source| SocketError::Listen { addr, source })?;
-    TcpListener::from_std(sock.into()).map_err(|source| SocketError::Listen { addr, source })
+    Ok(sock.into())
 }
 
 fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {

@@ -80,6 +80,26 @@ fn cross_node_hbone_fail_closed_and_restart() {
     let status = http_get(&c, "client", addr(&c, "echo", 8080), "/status/503");
     assert!(status.is_err_and(|e| e.contains("503")), "/status/503");
 
+    // 1c. Captured connections spread over node0's workers (2, the default): bpf_sk_assign to
+    // a SO_REUSEPORT listener picks a member of the group (Linux >= 6.5), so both workers'
+    // 15001 listeners accept and each tunnels through its own HBONE pool (24 connections on
+    // one worker alone: 2^-23).
+    for i in 0..24 {
+        c.echo("client", echo, &format!("spread-{i}"), T)
+            .expect("client -> echo");
+    }
+    let workers = c.config_dump(0).unwrap()["workers"].clone();
+    let used: Vec<u64> = workers
+        .as_array()
+        .expect("/config_dump lists the workers")
+        .iter()
+        .map(|w| w["hbone_pool_opened_total"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        used.len() == 2 && used.iter().all(|&n| n >= 1),
+        "captured connections did not reach both workers: {workers}"
+    );
+
     // 2. enrolled -> non-enrolled: plain passthrough through the client's ztunnel.
     let plain = addr(&c, "plain", 9000);
     let reply = c

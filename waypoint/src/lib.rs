@@ -20,7 +20,6 @@ pub mod sniff;
 pub mod stats;
 pub mod store;
 pub mod upstream;
-pub mod worker;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,7 +39,9 @@ use zmesh_core::hbone::server::{
 };
 use zmesh_core::identity::Identity;
 use zmesh_core::metrics::Metrics;
+use zmesh_core::socket::{self, SocketError};
 use zmesh_core::state::{AppProtocol, Service, StateStore, Workload};
+use zmesh_core::worker::{self, WorkerError, WorkerThread};
 use zmesh_proto::l7;
 
 use crate::sniff::Detected;
@@ -51,18 +52,10 @@ use crate::upstream::{Endpoint, Policy, UpstreamConfig, Upstreams};
 /// Errors starting the waypoint.
 #[derive(Debug, thiserror::Error)]
 pub enum WaypointError {
-    #[error("cannot bind the waypoint HBONE listener on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot start waypoint worker {index}: {source}")]
-    Worker {
-        index: usize,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot bind the waypoint HBONE listener: {0}")]
+    Bind(#[from] SocketError),
+    #[error("waypoint: {0}")]
+    Worker(#[from] WorkerError),
 }
 
 /// Waypoint settings.
@@ -89,7 +82,8 @@ pub struct Config {
     /// Time to receive a full HTTP/1 request head.
     pub header_read_timeout: Duration,
     /// Worker threads, each a single-threaded runtime with its own HBONE listener
-    /// (`SO_REUSEPORT`) and upstream pool ([`worker`]). 0: serve on the caller's runtime.
+    /// (`SO_REUSEPORT`) and upstream pool ([`zmesh_core::worker`]). 0: serve on the caller's
+    /// runtime.
     pub workers: usize,
 }
 
@@ -132,6 +126,8 @@ pub struct Inner {
 pub struct Waypoint {
     pub inner: Arc<Inner>,
     pub hbone_addr: SocketAddr,
+    /// Joined by [`Waypoint::drain`].
+    threads: Mutex<Vec<WorkerThread>>,
 }
 
 impl Waypoint {
@@ -143,24 +139,26 @@ impl Waypoint {
         certs: Arc<CertificateManager>,
         metrics: Arc<Metrics>,
     ) -> Result<Waypoint, WaypointError> {
-        let bind_err = |source| WaypointError::Bind {
-            addr: cfg.hbone_addr,
-            source,
-        };
-        // Workers: the first socket picks the port (it may be 0), the others share it.
-        let mut std_listeners = Vec::new();
-        let mut hbone_addr = cfg.hbone_addr;
-        for _ in 0..cfg.workers {
-            let l = worker::reuseport_listener(hbone_addr).map_err(bind_err)?;
-            hbone_addr = l.local_addr().map_err(bind_err)?;
-            std_listeners.push(l);
-        }
+        let std_listeners = worker::reuseport_listeners(cfg.hbone_addr, cfg.workers, false)?;
         let listener = if cfg.workers == 0 {
-            let l = TcpListener::bind(cfg.hbone_addr).await.map_err(bind_err)?;
-            hbone_addr = l.local_addr().map_err(bind_err)?;
-            Some(l)
+            Some(socket::listen(cfg.hbone_addr, false)?)
         } else {
             None
+        };
+        let bound = std_listeners
+            .first()
+            .map(|l| l.local_addr())
+            .or_else(|| listener.as_ref().map(|l| l.local_addr()));
+        let hbone_addr = match bound {
+            Some(Ok(a)) => a,
+            Some(Err(source)) => {
+                return Err(SocketError::Listen {
+                    addr: cfg.hbone_addr,
+                    source,
+                }
+                .into());
+            }
+            None => cfg.hbone_addr,
         };
         let pool = Pool::new(cfg.h2.clone(), PoolOptions::default(), certs.clone());
         let upstreams = Upstreams::new(
@@ -199,11 +197,24 @@ impl Waypoint {
                 inner.drain.clone(),
             ));
         }
+        let mut threads = Vec::new();
         for (index, l) in std_listeners.into_iter().enumerate() {
-            start_worker(index, l, inner.clone(), handler.clone()).await?;
+            match start_worker(index, l, inner.clone(), handler.clone()).await {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // The workers already started end with this.
+                    inner.drain.stopping().cancel();
+                    inner.stopped.cancel();
+                    return Err(e.into());
+                }
+            }
         }
         info!(addr = %hbone_addr, identity = %cfg.identity, workers = cfg.workers, "waypoint started");
-        Ok(Waypoint { inner, hbone_addr })
+        Ok(Waypoint {
+            inner,
+            hbone_addr,
+            threads: Mutex::new(threads),
+        })
     }
 
     /// Stop accepting and close connections.
@@ -213,64 +224,49 @@ impl Waypoint {
         self.inner.stopped.cancel();
     }
 
-    /// Stop accepting, give live connections up to `grace` to finish, then close the rest.
-    /// Returns how many connections were cut.
+    /// Stop accepting, give live connections up to `grace` to finish, then close the rest and
+    /// wait for the worker threads to end. Returns how many connections were cut.
     pub async fn drain(&self, grace: Duration) -> usize {
         let cut = self.inner.drain.shutdown(grace).await;
         self.inner.stopped.cancel();
+        let threads = std::mem::take(
+            &mut *self
+                .threads
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for t in threads {
+            t.join().await;
+        }
         cut
     }
 }
 
-/// Start worker `index` on its own thread with a single-threaded runtime serving `listener`.
-/// Returns once the worker runs (or could not start).
+/// Start worker `index` ([`zmesh_core::worker`]) serving `listener` with its own upstream
+/// pool. Returns once the worker runs.
 async fn start_worker(
     index: usize,
     listener: std::net::TcpListener,
     inner: Arc<Inner>,
     handler: Arc<dyn ConnectHandler>,
-) -> Result<(), WaypointError> {
-    let err = |source| WaypointError::Worker { index, source };
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("waypoint-w{index}"))
-        .spawn(move || {
-            // Built here, not by the caller: a runtime must not be dropped in async context.
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = started_tx.send(Err(e));
-                    return;
-                }
-            };
-            worker::set_index(index);
-            rt.block_on(async move {
-                let listener = match TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = started_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let cfg = &inner.cfg;
-                inner.upstreams.set_worker_pool(
-                    index,
-                    Pool::new(cfg.h2.clone(), PoolOptions::default(), inner.certs.clone()),
-                );
-                let _ = started_tx.send(Ok(()));
-                let serve = server::serve(listener, cfg.h2.clone(), handler, inner.drain.clone());
-                // Keep the runtime (and the connections it drives) until draining is over.
-                tokio::join!(serve, inner.stopped.cancelled());
-            });
-        })
-        .map_err(err)?;
-    match started_rx.await {
-        Ok(r) => r.map_err(err),
-        Err(_) => Err(err(std::io::Error::other("worker thread exited at start"))),
-    }
+) -> Result<WorkerThread, WorkerError> {
+    let (thread, ()) = worker::spawn("waypoint", index, move || {
+        let listener = TcpListener::from_std(listener)?;
+        let cfg = &inner.cfg;
+        // Created here: its connections' driver tasks run on this worker.
+        inner.upstreams.set_worker_pool(
+            index,
+            Pool::new(cfg.h2.clone(), PoolOptions::default(), inner.certs.clone()),
+        );
+        let serve = server::serve(listener, cfg.h2.clone(), handler, inner.drain.clone());
+        // Keep the runtime (and the connections it drives) until draining is over.
+        let run = async move {
+            tokio::join!(serve, inner.stopped.cancelled());
+        };
+        Ok(((), run))
+    })
+    .await?;
+    Ok(thread)
 }
 
 /// Per-tunnel context: what the CONNECT was for and who sent it.

@@ -105,7 +105,7 @@ fn main() -> Result<()> {
     zmesh_core::tls::install_default_provider();
     let logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
     let _ = zmesh_core::socket::raise_fd_limit();
-    // Traffic runs on the workers' own runtimes (see `waypoint::worker`); this one only has
+    // Traffic runs on the workers' own runtimes (see `zmesh_core::worker`); this one only has
     // the control plane (xDS, certificates, admin, metrics, readiness): one thread is plenty.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -191,7 +191,7 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
     wcfg.peer_hbone_ports = args.peer_hbone_ports.into_iter().collect();
     wcfg.workers = args
         .concurrency
-        .unwrap_or_else(waypoint::worker::default_concurrency)
+        .unwrap_or_else(zmesh_core::worker::default_concurrency)
         .max(1);
     let mut cfg = AppConfig::new(wcfg);
     cfg.admin_addr = Some(args.admin);

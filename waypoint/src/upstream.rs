@@ -427,7 +427,7 @@ impl Upstreams {
     /// The pool of the calling worker thread, else the shared one.
     fn pool(&self) -> &Pool {
         self.worker_pools
-            .get(crate::worker::index())
+            .get(zmesh_core::worker::index())
             .and_then(OnceLock::get)
             .unwrap_or(&self.pool)
     }
@@ -604,7 +604,7 @@ impl Upstreams {
         tunnel_headers: impl FnOnce() -> HeaderMap,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         let (permit, mut rq) = admitted;
-        let idle_key = (crate::worker::index(), ep.addr);
+        let idle_key = (zmesh_core::worker::index(), ep.addr);
         let reused = {
             let mut idle = cluster.idle.lock().unwrap_or_else(PoisonError::into_inner);
             let mut found = None;

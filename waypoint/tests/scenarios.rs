@@ -391,7 +391,16 @@ async fn seeds_scenarios() {
         authority: "127.0.0.21:9080".into(),
         headers: h,
     };
-    match mesh.a.pool().connect(&key, req).await {
+    // A client of our own with A's certificates (A's pools belong to its worker threads).
+    let pool = zmesh_core::hbone::pool::Pool::new(
+        zmesh_core::hbone::H2Config::default(),
+        zmesh_core::hbone::pool::PoolOptions {
+            keep_source_address: true,
+            mark: None,
+        },
+        mesh.a.certs().clone(),
+    );
+    match pool.connect(&key, req).await {
         Err(zmesh_core::hbone::HboneError::Status { status, .. }) => {
             assert_eq!(status.as_u16(), 401)
         }

@@ -34,6 +34,11 @@ pub struct Config {
     pub readiness_addr: Option<SocketAddr>,
     /// Make 15001/15006/15008 `IP_TRANSPARENT` (needed when traffic is steered by eBPF).
     pub transparent: bool,
+    /// Data-path workers (`ZTUNNEL_WORKER_THREADS`, at least 1): each an OS thread with its own
+    /// single-threaded runtime, its own `SO_REUSEPORT` listeners on 15001/15006/15008/15080 and
+    /// its own HBONE pool ([`zmesh_core::worker`]). Everything else runs on the caller's
+    /// runtime (the control runtime).
+    pub workers: usize,
     /// Connect upstream (and to HBONE peers) from the original client's IP.
     pub keep_source_address: bool,
     /// Port of the HBONE listener on other nodes (15008).
@@ -72,6 +77,7 @@ impl Default for Config {
             metrics_addr: Some(SocketAddr::new(any, STATS_PORT)),
             readiness_addr: Some(SocketAddr::new(any, READINESS_PORT)),
             transparent: false,
+            workers: 2,
             keep_source_address: false,
             peer_hbone_port: HBONE_PORT,
             peer_hbone_ports: HashMap::new(),
@@ -88,7 +94,8 @@ impl Default for Config {
 
 impl Config {
     /// A configuration for tests and the loopback demo: every listener on an OS-assigned port
-    /// (HBONE on all IPv4 addresses so `127.0.0.x` workload addresses reach it).
+    /// (HBONE on all IPv4 addresses so `127.0.0.x` workload addresses reach it), one worker
+    /// (so pooling is deterministic: one pool sees every connection).
     pub fn loopback(node: &str) -> Self {
         let any0 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
         let lo0 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
@@ -102,6 +109,7 @@ impl Config {
             metrics_addr: Some(lo0),
             readiness_addr: Some(lo0),
             keep_source_address: true,
+            workers: 1,
             ..Config::default()
         }
     }

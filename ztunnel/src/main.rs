@@ -109,10 +109,13 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
-    /// Tokio worker threads (Istio's ZTUNNEL_WORKER_THREADS; default 2 as Istio's). 1 costs
-    /// ~15 % less CPU per small request on a 2-core node (no work stealing between workers),
-    /// but then a large config push or a certificate signing holds up every connection while
-    /// it runs.
+    /// Data-path worker threads (Istio's ZTUNNEL_WORKER_THREADS; default 2 as Istio's). Each
+    /// worker is a single-threaded runtime with its own SO_REUSEPORT listeners on
+    /// 15001/15006/15008/15080 and its own HBONE connection pool, so a connection and every
+    /// task it needs stay on one thread (Envoy's model). xDS, certificates, eBPF redirection,
+    /// admin and metrics run on a separate control thread, so no number of workers lets a
+    /// large config push or a CA call hold up connections; more workers add capacity (use at
+    /// most one per core), 1 is enough for a node whose traffic one core can carry.
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
 }
@@ -136,8 +139,14 @@ fn main() -> Result<()> {
     if args.worker_threads == 0 {
         anyhow::bail!("--worker-threads must be at least 1");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.worker_threads)
+    // The control runtime: config source, certificates, eBPF redirection, connection manager,
+    // admin, metrics, readiness. Traffic runs on the workers' own runtimes
+    // (`Config::workers`, see `zmesh_core::worker`). Current-thread: that work is light and
+    // waits on the network, and one thread (this one, blocked on `run`) serves it without
+    // the cross-thread wake-ups a multi-thread runtime would add even with one worker
+    // (`block_on` on one thread, spawned tasks on another). A slow control task delays only
+    // other control tasks, never a connection.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("ztunnel")
         .build()?;
@@ -238,6 +247,7 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         metrics_addr: Some(args.metrics),
         readiness_addr: Some(args.readiness),
         transparent: args.transparent || args.redirect,
+        workers: args.worker_threads,
         node_ips: args.node_ips,
         redirect: args.redirect.then(|| ztunnel::redirect::RedirectConfig {
             bpffs_dir: args.bpffs_dir.clone(),

@@ -106,13 +106,13 @@ async fn socks5_to_hbone_64mib_intact_with_identity_in_metrics_and_logs() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_concurrent_connections_share_at_most_ten_h2_connections() {
-    let mesh = Mesh::start("").await;
+/// Open `n` concurrent tunnels from the client to the echo server through A's SOCKS5, each
+/// checked with a 1 KiB round trip, and return them all open (truly concurrent).
+async fn open_concurrent(mesh: &Mesh, n: u32) -> Vec<tokio::net::TcpStream> {
     let socks = mesh.a.addrs.socks5.unwrap();
     let echo = mesh.echo;
     let mut tasks = Vec::new();
-    for i in 0..1000u32 {
+    for i in 0..n {
         tasks.push(tokio::spawn(async move {
             let mut s = socks_connect(socks, ip(CLIENT_IP), echo)
                 .await
@@ -121,7 +121,6 @@ async fn thousand_concurrent_connections_share_at_most_ten_h2_connections() {
                 .map(|j| (i.wrapping_mul(31) ^ j) as u8)
                 .collect();
             roundtrip(&mut s, &msg).await.unwrap();
-            // Hold the connection until all are open so they are truly concurrent.
             s
         }));
     }
@@ -129,8 +128,15 @@ async fn thousand_concurrent_connections_share_at_most_ten_h2_connections() {
     for t in tasks {
         streams.push(t.await.unwrap());
     }
+    streams
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_connections_share_at_most_ten_h2_connections() {
+    let mesh = Mesh::start("").await;
+    let mut streams = open_concurrent(&mesh, 1000).await;
     assert_eq!(streams.len(), 1000);
-    let opened = mesh.a.pool().opened_total();
+    let opened = mesh.a.pool_opened_total();
     assert!(
         (1..=10).contains(&opened),
         "1000 concurrent tunnels used {opened} HTTP/2 connections"
@@ -192,7 +198,7 @@ async fn unknown_destination_is_passed_through_in_plaintext() {
         .expect("passthrough opens");
     roundtrip(&mut s, b"plain").await.unwrap();
     assert_eq!(
-        mesh.a.pool().opened_total(),
+        mesh.a.pool_opened_total(),
         0,
         "no HBONE for a non-mesh destination"
     );
@@ -219,12 +225,12 @@ async fn idle_pooled_connections_are_released() {
     roundtrip(&mut s, b"one").await.unwrap();
     // In use: the pooled connection stays however long it takes.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(mesh.a.pool().connections(), 1);
+    assert_eq!(mesh.a.pool_connections(), 1);
     roundtrip(&mut s, b"still pooled").await.unwrap();
     drop(s);
     // Idle past the timeout: released.
     eventually("idle HBONE connection released", || {
-        mesh.a.pool().connections() == 0
+        mesh.a.pool_connections() == 0
     })
     .await;
     // A new connection opens a fresh one.
@@ -232,5 +238,36 @@ async fn idle_pooled_connections_are_released() {
         .await
         .unwrap();
     roundtrip(&mut s, b"two").await.unwrap();
-    assert_eq!(mesh.a.pool().opened_total(), 2);
+    assert_eq!(mesh.a.pool_opened_total(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_both_serve_and_both_drain_on_shutdown() {
+    let mesh = Mesh::start_with("", |c| c.workers = 2).await;
+    let socks = mesh.a.addrs.socks5.unwrap();
+    // Distinct source ports: SO_REUSEPORT hashes the connections over both workers' SOCKS5
+    // listeners (64 on one worker alone: 2^-63).
+    let mut streams = open_concurrent(&mesh, 64).await;
+    // Each worker tunnelled through its own pool: one HTTP/2 connection each for the burst.
+    let opened: Vec<u64> = mesh.a.pools().map(|p| p.opened_total()).collect();
+    assert_eq!(opened, [1, 1], "HBONE connections opened per worker");
+
+    // Shutdown with connections open on both workers: they are cut after the grace period,
+    // the worker threads end and their listeners close.
+    let Mesh { a, b, .. } = mesh;
+    tokio::time::timeout(Duration::from_secs(10), a.shutdown())
+        .await
+        .expect("shutdown completes");
+    for (i, s) in streams.iter_mut().enumerate() {
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} still open after shutdown"));
+        assert!(matches!(r, Ok(0) | Err(_)), "connection {i}: {r:?}");
+    }
+    assert!(
+        tokio::net::TcpStream::connect(socks).await.is_err(),
+        "the SOCKS5 listeners are closed"
+    );
+    b.shutdown().await;
 }

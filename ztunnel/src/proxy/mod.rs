@@ -7,7 +7,9 @@
 //! | 15008 | [`inbound`] | HBONE → validation, policy → the pod |
 //! | 15080 | [`socks5`] | SOCKS5 CONNECT → the same outbound logic |
 //!
-//! [`connection_manager`] re-checks live inbound connections when policy changes.
+//! Each data-path worker ([`crate::app`], [`zmesh_core::worker`]) runs its own copy of every
+//! listener (`SO_REUSEPORT`) and its own HBONE pool; [`connection_manager`] (on the control
+//! runtime) re-checks live inbound connections of all workers when policy changes.
 
 pub mod connection_manager;
 pub mod inbound;
@@ -26,7 +28,6 @@ use zmesh_core::certs::CertificateManager;
 use zmesh_core::copy::{BytesStream, CopyStats, copy_bidirectional};
 use zmesh_core::drain::Drain;
 use zmesh_core::hbone::next_connection_id;
-use zmesh_core::hbone::pool::Pool;
 use zmesh_core::identity::Identity;
 use zmesh_core::metrics::{
     ConnectionRecorder, Metrics, Reporter, ResponseFlags, SecurityPolicy, TcpLabels,
@@ -37,12 +38,12 @@ use zmesh_core::telemetry::AccessLog;
 use crate::config::Config;
 use connection_manager::ConnectionManager;
 
-/// Everything a connection handler needs, shared by all listeners.
+/// What every listener and connection handler shares, on every worker thread. The one
+/// per-worker input, the HBONE connection pool, is passed to the outbound path beside it.
 pub struct ProxyInputs {
     pub cfg: Config,
     pub state: Arc<StateStore>,
     pub certs: Arc<CertificateManager>,
-    pub pool: Pool,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     pub connections: Arc<ConnectionManager>,

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 use zmesh_core::copy::{BytesStream, CopyStats, copy_bidirectional};
 use zmesh_core::hbone::H2Stream;
-use zmesh_core::hbone::pool::{ConnectRequest, WorkloadKey};
+use zmesh_core::hbone::pool::{ConnectRequest, Pool, WorkloadKey};
 use zmesh_core::hbone::{HboneError, next_connection_id};
 use zmesh_core::identity::Identity;
 use zmesh_core::metrics::{ConnectionRecorder, Reporter, ResponseFlags, SecurityPolicy, TcpLabels};
@@ -283,6 +283,7 @@ fn hbone_headers(src_addr: SocketAddr, src: &Workload, service: Option<&Service>
 /// counted in `istio_tcp_connections_failed_total` here.
 pub async fn connect(
     pi: &Arc<ProxyInputs>,
+    pool: &Pool,
     src_addr: SocketAddr,
     orig_dst: SocketAddr,
 ) -> Result<Established, OutboundError> {
@@ -346,7 +347,7 @@ pub async fn connect(
                 authority: dst_addr.to_string(),
                 headers: hbone_headers(src_addr, &src, service.as_deref()),
             };
-            match pi.pool.connect(&key, req).await {
+            match pool.connect(&key, req).await {
                 Ok(stream) => Ok(Established {
                     id,
                     upstream: Upstream::Hbone(stream),
@@ -485,9 +486,11 @@ async fn copy_until<A: BytesStream, B: BytesStream>(
     }
 }
 
-/// Handle one captured connection whose original destination is `orig_dst`.
+/// Handle one captured connection whose original destination is `orig_dst`, tunnelling
+/// through `pool` (the pool of the worker running this).
 pub async fn handle(
     pi: Arc<ProxyInputs>,
+    pool: Pool,
     client: TcpStream,
     peer: SocketAddr,
     orig_dst: SocketAddr,
@@ -496,7 +499,7 @@ pub async fn handle(
     let span = info_span!("outbound", src = %peer, dst = %orig_dst);
     // Boxed: connection setup (TLS and HTTP/2 handshakes) has a large state that would
     // otherwise stay in the task's allocation for the connection's whole life.
-    let connected = Box::pin(connect(&pi, peer, orig_dst))
+    let connected = Box::pin(connect(&pi, &pool, peer, orig_dst))
         .instrument(span.clone())
         .await;
     match connected {
@@ -525,10 +528,10 @@ pub async fn handle(
 
 /// The 15001 listener: the accepted socket's local address is the original destination
 /// (eBPF steered the connection here with `bpf_sk_assign`; the listener is transparent).
-pub async fn serve(pi: Arc<ProxyInputs>, listener: tokio::net::TcpListener) {
+pub async fn serve(pi: Arc<ProxyInputs>, pool: Pool, listener: tokio::net::TcpListener) {
     let drain = pi.drain.clone();
     super::accept_loop(listener, "outbound", drain, move |stream, peer| {
-        let pi = pi.clone();
+        let (pi, pool) = (pi.clone(), pool.clone());
         async move {
             let orig_dst = match stream.local_addr() {
                 Ok(a) => a,
@@ -537,7 +540,7 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: tokio::net::TcpListener) {
                     return;
                 }
             };
-            handle(pi, stream, peer, orig_dst).await
+            handle(pi, pool, stream, peer, orig_dst).await
         }
     })
     .await

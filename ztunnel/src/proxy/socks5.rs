@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
+use zmesh_core::hbone::pool::Pool;
 
 use super::ProxyInputs;
 use super::outbound::{self, OutboundError};
@@ -143,7 +144,7 @@ fn reply_code(e: &OutboundError) -> u8 {
     }
 }
 
-pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAddr) {
+pub async fn handle(pi: Arc<ProxyInputs>, pool: Pool, mut client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let span = info_span!("socks5", src = %peer);
     async move {
@@ -165,7 +166,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
                 }
             };
         // Boxed for the same reason as in outbound::handle: free the setup state once open.
-        match Box::pin(outbound::connect(&pi, peer, dst)).await {
+        match Box::pin(outbound::connect(&pi, &pool, peer, dst)).await {
             Ok(est) => {
                 reply(&mut client, REP_SUCCEEDED).await;
                 outbound::relay(pi, client, est, started).await.emit();
@@ -180,10 +181,10 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
     .await
 }
 
-pub async fn serve(pi: Arc<ProxyInputs>, listener: tokio::net::TcpListener) {
+pub async fn serve(pi: Arc<ProxyInputs>, pool: Pool, listener: tokio::net::TcpListener) {
     let drain = pi.drain.clone();
     super::accept_loop(listener, "socks5", drain, move |stream, peer| {
-        handle(pi.clone(), stream, peer)
+        handle(pi.clone(), pool.clone(), stream, peer)
     })
     .await
 }
