@@ -396,8 +396,22 @@ async fn route_request(
             let body = body.clone();
             tokio::spawn(async move {
                 let f = forward_once(&inner, &ctx, &md, mparts, body, None, &shadow);
-                match tokio::time::timeout(Duration::from_secs(30), f).await {
-                    Ok(Ok((_resp, _lease))) => {}
+                // The response is read to its end and discarded, as Envoy does, before the
+                // connection goes back to the idle list: a body still arriving must not be
+                // cut off (that closes the connection instead of reusing it).
+                let mirrored = async {
+                    let (resp, lease) = f.await?;
+                    let mut body = resp.into_body();
+                    while let Some(frame) = body.frame().await {
+                        if frame.is_err() {
+                            break;
+                        }
+                    }
+                    drop(lease);
+                    Ok::<_, UpstreamError>(())
+                };
+                match tokio::time::timeout(Duration::from_secs(30), mirrored).await {
+                    Ok(Ok(())) => {}
                     Ok(Err(e)) => debug!("mirror request failed: {e}"),
                     Err(_) => debug!("mirror request timed out"),
                 }

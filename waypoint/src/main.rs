@@ -107,8 +107,10 @@ fn main() -> Result<()> {
     let _ = zmesh_core::socket::raise_fd_limit();
     // Traffic runs on the workers' own runtimes (see `zmesh_core::worker`); this one only has
     // the control plane (xDS, certificates, admin, metrics, readiness): one thread is plenty.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // Current-thread, as ztunnel's: no hand-off between the `block_on` thread and a worker,
+    // and no multi-thread scheduler (its task-time statistics alone pull in libm, ~0.5 MB of
+    // resident memory).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("waypoint")
         .build()?;

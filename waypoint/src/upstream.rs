@@ -130,6 +130,16 @@ enum Sender {
     H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
+impl Sender {
+    /// Wait until the connection can take a request; an error means it is closed.
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+}
+
 struct UpConn {
     sender: Sender,
     uses: u32,
@@ -625,10 +635,27 @@ impl Upstreams {
             }
             found
         };
+        let mut tunnel_headers = Some(tunnel_headers);
         let mut conn = match reused {
             Some(c) => c,
-            None => self.open(cluster, ep, h2, tunnel_headers()).await?,
+            None => {
+                let headers = tunnel_headers.take().map(|f| f()).unwrap_or_default();
+                self.open(cluster, ep, h2, headers).await?
+            }
         };
+        if conn.sender.ready().await.is_err() {
+            // An idle connection can turn out closed only now: its driver had not yet run when
+            // it was picked (the server closed it, or a response body was dropped unread). The
+            // request was not sent, so a fresh connection is safe — a mirror or a request
+            // without retries must not fail for it.
+            let Some(headers) = tunnel_headers.take() else {
+                return Err(UpstreamError::Reset("connection closed".into()));
+            };
+            conn = self.open(cluster, ep, h2, headers()).await?;
+            if conn.sender.ready().await.is_err() {
+                return Err(UpstreamError::Reset("connection closed".into()));
+            }
+        }
         // Bound to a ready connection: no longer pending.
         rq.1 = None;
         cluster.track_active(&ep.workload.uid, 1);
@@ -653,18 +680,8 @@ impl Upstreams {
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         let resp = match &mut conn.sender {
-            Sender::H1(s) => {
-                if s.ready().await.is_err() {
-                    return Err(UpstreamError::Reset("connection closed".into()));
-                }
-                s.send_request(req).await
-            }
-            Sender::H2(s) => {
-                if s.ready().await.is_err() {
-                    return Err(UpstreamError::Reset("connection closed".into()));
-                }
-                s.send_request(req).await
-            }
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
         };
         let mut lease = lease;
         match resp {

@@ -156,6 +156,17 @@ async fn seeds_scenarios() {
     mesh.apply_l7(&vs(
         "  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 100\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 100}\n",
     ));
+    let v2_connections = || {
+        mesh.wp
+            .inner
+            .upstreams
+            .clusters()
+            .iter()
+            .filter(|c| c.name.contains("|v2|"))
+            .map(|c| c.stats.cx_total.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let v2_before = v2_connections();
     let m = count_versions(&mesh, 10, &[]).await;
     assert_eq!(m.get("reviews-v1"), Some(&10), "{m:?}");
     let mut ok = false;
@@ -167,6 +178,13 @@ async fn seeds_scenarios() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ok, "v2 receives the mirrored copies");
+    // Mirrors reuse their upstream connections: ten sequential mirrors share a few (a mirror
+    // still in flight when the next request starts takes another), not one each.
+    let opened = v2_connections() - v2_before;
+    assert!(
+        opened <= 5,
+        "10 sequential mirrors opened {opened} upstream connections to v2"
+    );
     assert!(
         mesh.seen["v2"]
             .lock()
