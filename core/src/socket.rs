@@ -24,6 +24,11 @@ pub enum SocketError {
         source: io::Error,
     },
     #[error(
+        "{addr} is already in use by another listener (a second ztunnel or waypoint on this node?); \
+         refusing to share it through SO_REUSEPORT, which would split new connections between us"
+    )]
+    InUse { addr: SocketAddr },
+    #[error(
         "cannot make the listener on {addr} transparent (IP_TRANSPARENT needs CAP_NET_ADMIN): {source}"
     )]
     Transparent {
@@ -58,6 +63,7 @@ impl SocketError {
             | SocketError::Connect { source, .. }
             | SocketError::BindSource { source, .. } => source.kind(),
             SocketError::ConnectTimeout { .. } => io::ErrorKind::TimedOut,
+            SocketError::InUse { .. } => io::ErrorKind::AddrInUse,
         }
     }
 }

@@ -29,6 +29,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use crate::socket::{self, ListenOptions, SocketError};
+use socket2::{Domain, Protocol, Socket, Type};
 
 thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
@@ -47,11 +48,17 @@ pub fn default_concurrency() -> usize {
 /// `n` listeners on `addr` sharing it through `SO_REUSEPORT`, one per worker, not yet tied to
 /// a runtime (each worker adopts its own). When `addr`'s port is 0 the first socket picks the
 /// port and the others bind the port it got. `transparent`: `IP_TRANSPARENT` on each.
+///
+/// A port someone already listens on is refused ([`SocketError::InUse`]): `SO_REUSEPORT` would
+/// let a second proxy of the same user join the group and take half the new connections.
 pub fn reuseport_listeners(
     addr: SocketAddr,
     n: usize,
     transparent: bool,
 ) -> Result<Vec<std::net::TcpListener>, SocketError> {
+    if addr.port() != 0 {
+        ensure_unused(addr, transparent)?;
+    }
     let opts = ListenOptions {
         transparent,
         reuse_port: true,
@@ -66,6 +73,34 @@ pub fn reuseport_listeners(
         listeners.push(l);
     }
     Ok(listeners)
+}
+
+/// Bind (without listening or `SO_REUSEPORT`) a throw-away socket to `addr`: it fails if any
+/// socket listens there. A tiny window remains between this check and the real bind.
+fn ensure_unused(addr: SocketAddr, transparent: bool) -> Result<(), SocketError> {
+    let probe = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )
+    .map_err(|source| SocketError::Listen { addr, source })?;
+    // As the listeners: SO_REUSEADDR ignores TIME_WAIT leftovers, never a listening socket.
+    probe
+        .set_reuse_address(true)
+        .map_err(|source| SocketError::Listen { addr, source })?;
+    if transparent {
+        let r = if addr.is_ipv6() {
+            probe.set_ip_transparent_v6(true)
+        } else {
+            probe.set_ip_transparent_v4(true)
+        };
+        r.map_err(|source| SocketError::Transparent { addr, source })?;
+    }
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(SocketError::InUse { addr }),
+        Err(source) => Err(SocketError::Listen { addr, source }),
+    }
 }
 
 /// Why a worker could not start.
@@ -172,6 +207,23 @@ mod tests {
         let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
         assert_ne!(addrs[0].port(), 0);
         assert!(addrs.iter().all(|a| *a == addrs[0]), "{addrs:?}");
+    }
+
+    #[test]
+    fn a_port_another_listener_holds_is_refused() {
+        let first = reuseport_listeners("127.0.0.1:0".parse().unwrap(), 2, false).unwrap();
+        let addr = first[0].local_addr().unwrap();
+        let err = reuseport_listeners(addr, 2, false).unwrap_err();
+        assert!(matches!(err, SocketError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("already in use"), "{err}");
+        // A plain listener (not in a reuseport group) is refused too.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = reuseport_listeners(plain.local_addr().unwrap(), 1, false).unwrap_err();
+        assert!(matches!(err, SocketError::InUse { .. }), "{err}");
+        // Once the holder is gone the port is free again.
+        drop(first);
+        let again = reuseport_listeners(addr, 2, false).unwrap();
+        assert_eq!(again.len(), 2);
     }
 
     #[tokio::test]
