@@ -2,7 +2,7 @@
 //!
 //! * TLS 1.3 only, AES-GCM suites only (no ChaCha20), aws-lc-rs, ALPN `h2`.
 //! * Server: client certificate required, chained to our roots, and its SPIFFE identity must be
-//!   in our trust domain ([`TrustDomainVerifier`]).
+//!   in our trust domain (`TrustDomainVerifier`).
 //! * Client: server chained to our roots with serverAuth EKU, then any URI SAN of the leaf must
 //!   be one of the expected identities; the DNS name is not checked, SNI is off, no resumption.
 //!
