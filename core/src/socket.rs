@@ -126,7 +126,7 @@ pub fn bind_listener(
     Ok(sock.into())
 }
 
-fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
+pub(crate) fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
     if v6 {
         sock.set_ip_transparent_v6(true)
     } else {

@@ -89,12 +89,8 @@ fn ensure_unused(addr: SocketAddr, transparent: bool) -> Result<(), SocketError>
         .set_reuse_address(true)
         .map_err(|source| SocketError::Listen { addr, source })?;
     if transparent {
-        let r = if addr.is_ipv6() {
-            probe.set_ip_transparent_v6(true)
-        } else {
-            probe.set_ip_transparent_v4(true)
-        };
-        r.map_err(|source| SocketError::Transparent { addr, source })?;
+        socket::set_transparent(&probe, addr.is_ipv6())
+            .map_err(|source| SocketError::Transparent { addr, source })?;
     }
     match probe.bind(&addr.into()) {
         Ok(()) => Ok(()),
