@@ -25,5 +25,14 @@ if [ -n "$ring_users" ]; then
   echo "$ring_users" >&2
   exit 1
 fi
+# The proxies run current-thread runtimes; tokio's multi-thread scheduler (and libm with it)
+# must not come back into their own build through a dependency's features.
+proxy_mt=$(cargo tree --locked -p ztunnel -p waypoint -e normal,features -i tokio 2>/dev/null \
+  | grep 'tokio feature "rt-multi-thread"' || true)
+if [ -n "$proxy_mt" ]; then
+  echo "error: a dependency of ztunnel/waypoint enables tokio's rt-multi-thread:" >&2
+  cargo tree --locked -p ztunnel -p waypoint -e normal,features -i tokio >&2
+  exit 1
+fi
 # --no-fail-fast: one CI run reports every failing test binary, not only the first.
 cargo test --workspace --locked --no-fail-fast
