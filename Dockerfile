@@ -36,13 +36,15 @@ COPY manifests manifests
 # The registry and target directories are cache mounts (kept between builds, not in the
 # image), so the binaries are copied out in the same step. The proxies are built on their own:
 # cargo unifies features per invocation, and the controller's tokio "rt-multi-thread" would
-# otherwise end up in ztunnel and the waypoint (bigger resident code, libm).
+# otherwise end up in ztunnel and the waypoint (bigger resident code, libm). ztunnel ships
+# size-optimized (profile release-ztunnel, see Cargo.toml).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p ztunnel -p waypoint --bins \
+    cargo build --profile release-ztunnel --locked -p ztunnel --bins \
+ && cargo build --release --locked -p waypoint --bins \
  && cargo build --release --locked -p zmesh-controller -p zmesh-cli --bins \
  && mkdir -p /out \
- && cp target/release/ztunnel target/release/waypoint target/release/zmesh-controller \
+ && cp target/release-ztunnel/ztunnel target/release/waypoint target/release/zmesh-controller \
        target/release/zmesh /out/
 
 # ---- runtime images ----------------------------------------------------------------------

@@ -103,6 +103,7 @@ def check(root: Path) -> list[str]:
     if not any(ignored(p, ignore) for p in ("target", "target/release/ztunnel")):
         errors.append(".dockerignore: target/ must be excluded from the build context")
     members, packages, bins, rust = workspace(root)
+    cargo_toml = (root / "Cargo.toml").read_text()
 
     # Targets that something names.
     wanted = {}
@@ -136,9 +137,12 @@ def check(root: Path) -> list[str]:
         for p in re.findall(r"(?:^|\s)-p\s+([\w-]+)", built):
             if p not in packages:
                 errors.append(f"{label}: cargo -p {p} is not a workspace package")
-        for b in re.findall(r"target/release/([\w-]+)", built):
+        # target/release/ or a custom profile's directory (ztunnel: target/release-ztunnel/).
+        for prof, b in re.findall(r"target/(release(?:-[\w]+)?)/([\w-]+)", built):
             if b not in bins:
-                errors.append(f"{label}: target/release/{b} is not a binary of the workspace")
+                errors.append(f"{label}: target/{prof}/{b} is not a binary of the workspace")
+            if prof != "release" and f"[profile.{prof}]" not in cargo_toml:
+                errors.append(f"{label}: target/{prof}/: no [profile.{prof}] in Cargo.toml")
         for ins, args in s["ins"]:
             if ins not in ("COPY", "ADD"):
                 continue
@@ -153,7 +157,7 @@ def check(root: Path) -> list[str]:
                 prev = st[names.index(src_stage.lower())] if src_stage.lower() in names else None
                 prev_run = " ".join(a for x, a in prev["ins"] if x == "RUN") if prev else ""
                 for src in srcs:
-                    built_bin = rf"target/release/{re.escape(src[5:])}(?![\w-])"
+                    built_bin = rf"target/release(?:-\w+)?/{re.escape(src[5:])}(?![\w-])"
                     if src.startswith("/out/") and not re.search(built_bin, prev_run):
                         errors.append(f"{label}: {src} is not produced by stage {src_stage}")
                 continue
@@ -216,6 +220,8 @@ def self_test(root: Path) -> int:
                              "USER 0:0\nENTRYPOINT [\"/usr/local/bin/zmesh-controller\"]")),
         ("binary copied out but never built", "not produced by stage build",
          lambda t: t.replace("target/release/zmesh /out/", "/out/")),
+        ("a profile directory Cargo.toml does not define", "no [profile.release-tiny]",
+         lambda t: t.replace("target/release-ztunnel/ztunnel", "target/release-tiny/ztunnel")),
         ("unknown cargo package", "not a workspace package",
          lambda t: t.replace("-p zmesh-cli", "-p zmesh-client")),
     ]

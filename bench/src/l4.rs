@@ -89,6 +89,9 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
+/// Cargo profile of ztunnel's shipping build (Cargo.toml, Dockerfile).
+pub const ZTUNNEL_PROFILE: &str = "release-ztunnel";
+
 /// The directory this binary runs from and the cargo profile that built it.
 fn own_profile() -> Result<(PathBuf, String)> {
     let exe = std::env::current_exe().context("locating the bench binary")?;
@@ -109,8 +112,9 @@ fn ztunnel_binary(args: &L4Args) -> Result<PathBuf> {
     ztunnel_binary_for(args.ztunnel.as_ref(), args.no_build)
 }
 
-/// `explicit`, else `target/<this profile>/ztunnel`, built first under `cargo run` unless
-/// `no_build`.
+/// `explicit`, else `target/<profile>/ztunnel`, built first under `cargo run` unless
+/// `no_build`. The profile is the bench's own, except that a `release` bench measures
+/// ztunnel's shipping build, the `release-ztunnel` profile (size-optimized, see Cargo.toml).
 pub fn ztunnel_binary_for(explicit: Option<&PathBuf>, no_build: bool) -> Result<PathBuf> {
     if let Some(p) = explicit {
         if !p.is_file() {
@@ -118,7 +122,15 @@ pub fn ztunnel_binary_for(explicit: Option<&PathBuf>, no_build: bool) -> Result<
         }
         return Ok(p.clone());
     }
-    let (dir, profile) = own_profile()?;
+    let (own_dir, own) = own_profile()?;
+    let (dir, profile) = if own == "release" {
+        let target = own_dir
+            .parent()
+            .context("the bench binary's target directory has no parent")?;
+        (target.join(ZTUNNEL_PROFILE), ZTUNNEL_PROFILE.to_string())
+    } else {
+        (own_dir, own)
+    };
     let bin = dir.join("ztunnel");
     if !no_build && let Ok(cargo) = std::env::var("CARGO") {
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
@@ -135,7 +147,7 @@ pub fn ztunnel_binary_for(explicit: Option<&PathBuf>, no_build: bool) -> Result<
     }
     if !bin.is_file() {
         bail!(
-            "{} not found: build it with `cargo build --release -p ztunnel`, run the bench \
+            "{} not found: build it with `cargo build --profile {profile} -p ztunnel`, run the bench \
              through `cargo run`, or pass --ztunnel PATH",
             bin.display()
         );

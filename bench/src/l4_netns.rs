@@ -222,6 +222,7 @@ pub fn run(args: NetnsArgs) -> Result<()> {
     };
     eprintln!("creating the netns cluster (2 nodes, pods not enrolled)...");
     let mut cluster = Cluster::builder()
+        .ztunnel_binary(zt_bin.clone())
         .nodes(2)
         .pod(PodSpec::new("client", "bench-client", 0, false))
         .pod(PodSpec::new("server", "bench-server", 1, false))

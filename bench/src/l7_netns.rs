@@ -160,6 +160,7 @@ pub struct L7Meta {
     #[serde(flatten)]
     pub machine: sys::Machine,
     pub bench_profile: &'static str,
+    pub ztunnel_binary: String,
     pub rr_secs: f64,
     pub rr_rate_per_s: f64,
     pub size_bytes: usize,
@@ -414,6 +415,9 @@ pub fn run(args: L7Args) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("l7-netns needs root (network namespaces, eBPF)");
     }
+    // Under `cargo run`, builds ztunnel's shipping profile first; the waypoint and the
+    // controller are the ones next to this binary.
+    let zt_bin = crate::l4::ztunnel_binary_for(None, false)?;
     let mut r = L7Report {
         targets: Targets {
             cpu_s_per_1k_req: TARGET_CPU_S_PER_1K,
@@ -433,12 +437,14 @@ pub fn run(args: L7Args) -> Result<()> {
             size_bytes: args.size,
             max_secs: args.max_secs,
             max_concurrency: args.max_concurrency,
+            ztunnel_binary: zt_bin.display().to_string(),
             ..L7Meta::default()
         },
         ..L7Report::default()
     };
     eprintln!("creating the netns cluster (2 nodes, controller, waypoint not in use yet)...");
     let mut cluster = Cluster::builder()
+        .ztunnel_binary(zt_bin)
         .controller()
         .nodes(2)
         .pod(PodSpec::new("client", NS, 0, true))

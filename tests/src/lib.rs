@@ -487,6 +487,7 @@ impl MeshConfigSource for LocalFileSource {
 pub struct ClusterBuilder {
     mesh: MeshDesc,
     source: SourceKind,
+    ztunnel: Option<PathBuf>,
 }
 
 impl ClusterBuilder {
@@ -534,8 +535,14 @@ impl ClusterBuilder {
         self.source = SourceKind::Controller;
         self
     }
+    /// Run this ztunnel binary instead of `target/<profile>/ztunnel` (benchmarks run the
+    /// `release-ztunnel` build).
+    pub fn ztunnel_binary(mut self, path: PathBuf) -> Self {
+        self.ztunnel = Some(path);
+        self
+    }
     pub fn build(self) -> Result<Cluster> {
-        Cluster::create(self.mesh, self.source)
+        Cluster::create(self.mesh, self.source, self.ztunnel)
     }
 }
 
@@ -567,6 +574,8 @@ pub struct Cluster {
     pub mesh: MeshDesc,
     pub source: Box<dyn MeshConfigSource>,
     netns: Vec<String>,
+    /// `None`: [`ztunnel_bin`].
+    ztunnel_binary: Option<PathBuf>,
     ztunnels: Vec<Option<Proc>>,
     apps: Vec<Proc>,
     restarts: u32,
@@ -583,6 +592,7 @@ impl Cluster {
                 ..MeshDesc::default()
             },
             source: SourceKind::LocalFile,
+            ztunnel: None,
         }
     }
 
@@ -610,7 +620,11 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no pod {name} in the cluster"))
     }
 
-    fn create(mut mesh: MeshDesc, kind: SourceKind) -> Result<Cluster> {
+    fn create(
+        mut mesh: MeshDesc,
+        kind: SourceKind,
+        ztunnel_binary: Option<PathBuf>,
+    ) -> Result<Cluster> {
         if !mesh.waypoints.is_empty() && kind != SourceKind::Controller {
             return Err(HarnessError::Other(
                 "waypoints get their identity and config from the controller: use \
@@ -642,6 +656,7 @@ impl Cluster {
             mesh,
             source,
             netns: Vec::new(),
+            ztunnel_binary,
             ztunnels: Vec::new(),
             apps: Vec::new(),
             restarts: 0,
@@ -773,7 +788,10 @@ impl Cluster {
     }
 
     fn spawn_ztunnel(&mut self, i: usize) -> Result<Proc> {
-        let bin = ztunnel_bin()?;
+        let bin = match &self.ztunnel_binary {
+            Some(p) => p.clone(),
+            None => ztunnel_bin()?,
+        };
         let log = self.dir.join(format!("ztunnel-n{i}.{}.log", self.restarts));
         self.restarts += 1;
         let out = File::create(&log)?;
