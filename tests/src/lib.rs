@@ -832,12 +832,13 @@ impl Cluster {
         self.wait_ztunnel_ready(i, Duration::from_secs(30))
     }
 
-    /// All of node `i`'s ztunnel logs so far (every restart), without terminal colours.
+    /// All of node `i`'s ztunnel logs so far (every restart), as written (no terminal colours:
+    /// the proxies log plain text).
     pub fn ztunnel_log(&self, i: usize) -> String {
         let mut s = String::new();
         for r in 0..self.restarts {
             if let Ok(t) = std::fs::read_to_string(self.dir.join(format!("ztunnel-n{i}.{r}.log"))) {
-                s.push_str(&strip_ansi(&t));
+                s.push_str(&t);
             }
         }
         s
@@ -929,7 +930,7 @@ impl Cluster {
 
     /// The controller's log ([`ControllerSource`]; empty for the local-file source).
     pub fn source_log(&self) -> String {
-        strip_ansi(&self.source.log())
+        self.source.log()
     }
 
     /// The [`ControllerSource`], when the cluster was built with one.
@@ -1170,24 +1171,6 @@ impl Capture {
 /// Sum of the samples of `metric` whose labels include all of `labels` (0 when none does).
 pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     zmesh_core::metrics::sample_sum(text, metric, labels).unwrap_or(0.0)
-}
-
-/// Remove ANSI colour sequences (`ESC [ ... m`).
-pub fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Does `haystack` contain `needle`?

@@ -173,13 +173,13 @@ impl Cluster {
             .map(|(_, p)| p.child.id())
     }
 
-    /// Every log of waypoint `name` so far (all starts), without terminal colours.
+    /// Every log of waypoint `name` so far (all starts).
     pub fn waypoint_log(&self, name: &str) -> String {
         let mut s = String::new();
         for n in 0..self.waypoint_starts {
             let f = self.dir.join(format!("waypoint-{name}.{n}.log"));
             if let Ok(t) = std::fs::read_to_string(f) {
-                s.push_str(&crate::strip_ansi(&t));
+                s.push_str(&t);
             }
         }
         s

@@ -69,6 +69,10 @@ fn cross_node_hbone_fail_closed_and_restart() {
         "node1's access log does not show the source identity {client_id}:\n{}",
         c.ztunnel_log(1)
     );
+    assert!(
+        !c.ztunnel_log(1).contains('\u{1b}'),
+        "terminal colour codes in ztunnel's log file"
+    );
 
     // 1b. The HTTP sample through the mesh: service/version and the request headers echoed.
     c.start_http("echo", "reviews", 8080).expect("http app");
