@@ -57,6 +57,8 @@ pub const MIN_TOKEN_LEN: usize = 16;
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Metadata field naming the identity a node agent asks for (Istio's ztunnel sets it).
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// Name of the controller's Service (manifests/controller.yaml).
+pub const CONTROLLER_SERVICE_NAME: &str = "zmesh-controller";
 /// Service account of the controller (its 15012 serving certificate carries this identity).
 pub const CONTROLLER_SERVICE_ACCOUNT: &str = "zmesh-controller";
 /// Bound-token claims, as TokenReview reports them in `user.extra`.
@@ -461,6 +463,8 @@ pub async fn load_or_create_root_secret(
 struct ServingCert {
     ca: Arc<CertificateAuthority>,
     identity: Identity,
+    /// DNS SANs, for clients that verify the control plane by host name.
+    dns_names: Vec<String>,
     lifetime: Duration,
     current: Mutex<Option<(Arc<CertifiedKey>, SystemTime)>>,
 }
@@ -476,8 +480,9 @@ impl std::fmt::Debug for ServingCert {
 impl ServingCert {
     fn issue(&self) -> Result<(Arc<CertifiedKey>, SystemTime), CaSetupError> {
         let now = SystemTime::now();
-        let cert = self.ca.issue(
+        let cert = self.ca.issue_with_dns(
             &self.identity,
+            &self.dns_names,
             now - Duration::from_secs(60),
             now + self.lifetime,
         )?;
@@ -522,8 +527,22 @@ pub fn controller_identity(trust_domain: &str, namespace: &str) -> Result<Identi
         .map_err(|e| CaSetupError::Serving(e.to_string()))
 }
 
-/// TLS for port 15012: TLS 1.3, ALPN h2, the controller's SPIFFE certificate; client
-/// certificates are verified when presented but optional (bootstrap uses tokens).
+/// Host names of the controller's Service in `namespace` (manifests/controller.yaml), as
+/// Istio's istiod certificate carries `istiod.istio-system.svc`: a client may verify the
+/// control plane by name (`ztunnel --control-plane-dns-name`) instead of by SPIFFE identity.
+pub fn controller_dns_names(namespace: &str) -> Vec<String> {
+    let svc = CONTROLLER_SERVICE_NAME;
+    vec![
+        format!("{svc}.{namespace}.svc"),
+        format!("{svc}.{namespace}.svc.cluster.local"),
+        format!("{svc}.{namespace}"),
+        svc.to_string(),
+    ]
+}
+
+/// TLS for port 15012: TLS 1.3, ALPN h2, the controller's SPIFFE certificate (with the
+/// Service's DNS names); client certificates are verified when presented but optional
+/// (bootstrap uses tokens).
 pub fn server_tls_config(
     ca: Arc<CertificateAuthority>,
     identity: Identity,
@@ -531,6 +550,7 @@ pub fn server_tls_config(
     let provider = zmesh_core::tls::provider();
     let serving = ServingCert {
         ca: ca.clone(),
+        dns_names: controller_dns_names(identity.namespace()),
         identity,
         lifetime: DEFAULT_CERT_TTL,
         current: Mutex::new(None),

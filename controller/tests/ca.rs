@@ -379,3 +379,43 @@ async fn kubernetes_token_review_mode() {
     assert_eq!(code, tonic::Code::Unauthenticated);
     s.done().await;
 }
+
+/// The 15012 certificate also carries the controller Service's DNS names, so a client may
+/// verify the control plane by host name (`--control-plane-dns-name`) instead of by identity.
+#[tokio::test]
+async fn control_plane_verifiable_by_service_dns_name() {
+    let s = start(None).await;
+    let by_name = |name: &str| {
+        let endpoint = ControlPlaneEndpoint::new(
+            format!("https://{}", s.controller.addrs.xds_tls.unwrap()),
+            Some(ControlPlaneTls {
+                roots: vec![s.controller.ca.root_der()],
+                identities: vec![],
+                dns_name: Some(name.to_string()),
+            }),
+        );
+        CaClient::new(CaClientConfig::new(
+            endpoint,
+            TokenSource::Literal(s.token_a.clone()),
+        ))
+        .unwrap()
+    };
+    for name in zmesh_controller::ca::controller_dns_names("istio-system") {
+        let (csr, _) = generate_csr(&id(SLEEP)).unwrap();
+        let chain = by_name(&name)
+            .create_certificate(&id(SLEEP), csr, Duration::from_secs(3600))
+            .await
+            .unwrap_or_else(|e| panic!("verifying the controller as {name}: {e}"));
+        assert_eq!(chain.len(), 2);
+    }
+    // Another Service's name is refused: the name really is checked.
+    let (csr, _) = generate_csr(&id(SLEEP)).unwrap();
+    let wrong = by_name("istiod.istio-system.svc")
+        .create_certificate(&id(SLEEP), csr, Duration::from_secs(3600))
+        .await;
+    assert!(
+        wrong.is_err(),
+        "a certificate for another host name was accepted"
+    );
+    s.done().await;
+}

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use rcgen::string::Ia5String;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -74,6 +75,9 @@ pub enum CaError {
     },
     #[error("CA cannot sign {identity}: invalid validity window: {reason}")]
     InvalidValidity { identity: Identity, reason: String },
+    /// `reason` names the DNS name.
+    #[error("CA cannot sign {identity}: invalid DNS SAN {reason}")]
+    InvalidDnsName { identity: Identity, reason: String },
     #[error(
         "CA for trust domain {trust_domain:?} failed to sign a certificate for {identity}: {source}"
     )]
@@ -240,13 +244,32 @@ impl CertificateAuthority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCertificate, CaError> {
+        self.issue_with_dns(identity, &[], not_before, not_after)
+    }
+
+    /// [`Self::issue`] with DNS SANs beside the SPIFFE URI: a server certificate that clients
+    /// may also verify by host name (the controller's, for `zmesh-controller.<ns>.svc`).
+    pub fn issue_with_dns(
+        &self,
+        identity: &Identity,
+        dns_names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCertificate, CaError> {
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| CaError::Csr {
                 identity: identity.clone(),
                 source: Box::new(source),
             })?;
-        let leaf = self
-            .leaf_params(identity, not_before, not_after)?
+        let mut params = self.leaf_params(identity, not_before, not_after)?;
+        for name in dns_names {
+            let dns = Ia5String::try_from(name.as_str()).map_err(|e| CaError::InvalidDnsName {
+                identity: identity.clone(),
+                reason: format!("{name:?}: {e}"),
+            })?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        let leaf = params
             .signed_by(&key, &self.issuer)
             .map_err(|source| CaError::Sign {
                 identity: identity.clone(),
@@ -377,6 +400,39 @@ mod tests {
         CertificateDer::from_pem_slice(pem.as_bytes())
             .unwrap()
             .to_vec()
+    }
+
+    #[test]
+    fn dns_sans_beside_the_spiffe_uri_and_bad_names_refused() {
+        let ca = CertificateAuthority::generate("cluster.local").unwrap();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let names = vec!["zmesh-controller.zmesh-system.svc".to_string()];
+        let cert = ca
+            .issue_with_dns(&id(SLEEP), &names, now, now + hour)
+            .unwrap();
+        let (_, x509) = X509Certificate::from_der(&cert.chain[0]).unwrap();
+        let sans: Vec<String> = x509
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::URI(u) => format!("uri:{u}"),
+                GeneralName::DNSName(d) => format!("dns:{d}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            sans,
+            vec![format!("uri:{SLEEP}"), format!("dns:{}", names[0])]
+        );
+        let bad = ca
+            .issue_with_dns(&id(SLEEP), &["zmesh-contröller".into()], now, now + hour)
+            .unwrap_err();
+        assert!(bad.to_string().contains("zmesh-contröller"), "{bad}");
     }
 
     #[test]
