@@ -660,11 +660,7 @@ impl CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<(Caller, Identity, Vec<String>), Status> {
-        let token = bearer_token(request.metadata())?;
-        let caller = self.auth.authenticate(&token).await.map_err(|e| match e {
-            AuthError::Invalid(m) => Status::unauthenticated(format!("invalid token: {m}")),
-            AuthError::Unavailable(m) => Status::unavailable(m),
-        })?;
+        let caller = authenticate(self.auth.as_ref(), request.metadata()).await?;
         let req = request.into_inner();
         let identity = csr_identity(&req.csr)?;
         if let Some(v) = req
@@ -777,6 +773,19 @@ impl CaService {
 
 fn is_terminated(pod: &crate::k8s::Pod) -> bool {
     matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+}
+
+/// The caller of a gRPC request on 15012 (CA and ADS), from its `authorization: Bearer`
+/// metadata: `Unauthenticated` without a valid token, `Unavailable` when it cannot be checked.
+pub(crate) async fn authenticate(
+    auth: &dyn TokenAuthenticator,
+    md: &tonic::metadata::MetadataMap,
+) -> Result<Caller, Status> {
+    let token = bearer_token(md)?;
+    auth.authenticate(&token).await.map_err(|e| match e {
+        AuthError::Invalid(m) => Status::unauthenticated(format!("invalid token: {m}")),
+        AuthError::Unavailable(m) => Status::unavailable(m),
+    })
 }
 
 fn bearer_token(md: &tonic::metadata::MetadataMap) -> Result<String, Status> {

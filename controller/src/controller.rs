@@ -360,7 +360,7 @@ impl Controller {
             };
             let ca_svc = CaService::new(
                 ca.clone(),
-                auth,
+                auth.clone(),
                 store.clone(),
                 cfg.ca.clone(),
                 ca_metrics.clone(),
@@ -369,7 +369,7 @@ impl Controller {
             addrs.xds_tls = l.local_addr().ok();
             info!(%identity, addr = ?addrs.xds_tls, "TLS xDS and CA serving");
             let router = grpc()
-                .add_service(ads.clone().into_service())
+                .add_service(ads.clone().with_authenticator(auth).into_service())
                 .add_service(ca_svc.into_service());
             let st = stop.clone();
             tasks.push(tokio::spawn(async move {

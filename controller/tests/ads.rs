@@ -11,10 +11,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
+use zmesh_controller::ca::{TOKENS_DIR, write_bootstrap_token};
 use zmesh_controller::controller::{Controller, ControllerConfig};
 use zmesh_controller::xds::cache::ResourceCache;
 use zmesh_core::state::{ConfigSource, StateStore};
-use zmesh_core::xds::{ControlPlaneEndpoint, ControlPlaneTls, XdsClient, XdsConfig};
+use zmesh_core::xds::{ControlPlaneEndpoint, ControlPlaneTls, TokenSource, XdsClient, XdsConfig};
 use zmesh_proto::discovery::DeltaDiscoveryRequest;
 use zmesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
@@ -601,14 +602,17 @@ async fn controller_restart_on_the_same_directory_keeps_clients_state() {
         "translated before serving"
     );
 
-    // A client over TLS, verifying the controller's SPIFFE identity against the root.
+    // A client over TLS, verifying the controller's SPIFFE identity against the root, with
+    // its node's bootstrap token.
     let tls_addr = c1.addrs.xds_tls.unwrap();
+    let token = write_bootstrap_token(&dir.join(TOKENS_DIR), "node-1").unwrap();
     let mut ccfg = client_cfg(format!("https://{tls_addr}"));
     ccfg.endpoint.tls = Some(ControlPlaneTls {
         roots: vec![c1.ca.root_der()],
         identities: vec!["spiffe://cluster.local/ns/istio-system/sa/zmesh-controller".into()],
         dns_name: None,
     });
+    ccfg.token = TokenSource::Literal(token);
     let store = StateStore::new();
     let stop = tokio_util::sync::CancellationToken::new();
     let client = XdsClient::new(ccfg).with_stop(stop.clone());
@@ -669,4 +673,71 @@ async fn controller_restart_on_the_same_directory_keeps_clients_state() {
 
 fn store_root(dir: &std::path::Path) -> rustls_pki_types::CertificateDer<'static> {
     ControlPlaneTls::load_roots(&dir.join("ca/root-cert.pem")).unwrap()[0].clone()
+}
+
+/// Delta ADS on the TLS port (15012) describes the whole mesh: a stream needs a token the CA
+/// would accept. The plaintext port (local use) does not ask.
+#[tokio::test]
+async fn tls_ads_refuses_streams_without_a_valid_token() {
+    use zmesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    init();
+    let dir = temp_dir("ads-auth");
+    write_namespace(&dir);
+    write_pod(&dir, "a", "10.1.0.1", "node-1");
+    let c = Controller::start(ControllerConfig::loopback(&dir))
+        .await
+        .unwrap();
+    let token = write_bootstrap_token(&dir.join(TOKENS_DIR), "node-1").unwrap();
+    let endpoint = ControlPlaneEndpoint::new(
+        format!("https://{}", c.addrs.xds_tls.unwrap()),
+        Some(ControlPlaneTls {
+            roots: vec![c.ca.root_der()],
+            identities: vec!["spiffe://cluster.local/ns/istio-system/sa/zmesh-controller".into()],
+            dns_name: None,
+        }),
+    );
+    let open = |token: Option<String>| {
+        let channel = endpoint.channel().unwrap();
+        async move {
+            let mut client = AggregatedDiscoveryServiceClient::new(channel);
+            let mut req = tonic::Request::new(futures::stream::iter(vec![DeltaDiscoveryRequest {
+                type_url: ADDRESS_TYPE_URL.into(),
+                ..Default::default()
+            }]));
+            if let Some(t) = token {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            client.delta_aggregated_resources(req).await
+        }
+    };
+    let Err(none) = open(None).await else {
+        panic!("a stream without a token was served");
+    };
+    assert_eq!(none.code(), tonic::Code::Unauthenticated, "{none:?}");
+    assert!(none.message().contains("authorization"), "{none:?}");
+    let Err(bad) = open(Some("not-a-valid-token-of-any-node".into())).await else {
+        panic!("a stream with an unknown token was served");
+    };
+    assert_eq!(bad.code(), tonic::Code::Unauthenticated, "{bad:?}");
+    assert_eq!(c.ads_metrics.unauthenticated_streams.get(), 2);
+    // The node's token opens the stream and gets the workloads.
+    let mut ok = open(Some(token))
+        .await
+        .expect("the node's token was refused")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), ok.message())
+        .await
+        .expect("no response")
+        .expect("stream error")
+        .expect("stream ended");
+    assert_eq!(first.type_url, ADDRESS_TYPE_URL);
+    // Plaintext (local) needs none: the stream opens.
+    let mut plain = RawClient::connect(c.addrs.xds_plaintext.unwrap()).await;
+    plain
+        .subscribe(ADDRESS_TYPE_URL, &[], BTreeMap::new())
+        .await;
+    assert_eq!(plain.recv().await.type_url, ADDRESS_TYPE_URL);
+    c.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -17,6 +17,10 @@
 //!
 //! Malformed requests end the stream with `InvalidArgument`; unknown type URLs are ignored with
 //! a warning (no response), as istiod does for types it does not serve.
+//!
+//! On the TLS listener ([`AdsServer::with_authenticator`]) a stream opens only with a bearer
+//! token the CA would accept (node bootstrap token or service-account token), else
+//! `Unauthenticated`; the plaintext listener is for local use and asks for none.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -49,6 +53,7 @@ use zmesh_proto::ads_wire::server::aggregated_discovery_service_server::{
 use zmesh_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse};
 
 use super::cache::{CachedResource, Changes, Name, ResourceCache};
+use crate::ca::TokenAuthenticator;
 
 /// Most names one request may carry (subscribe + unsubscribe + initial versions), and most
 /// names one stream may subscribe to per type. Bounds per-stream memory.
@@ -116,6 +121,8 @@ pub struct AdsMetrics {
     pub streams: Gauge,
     /// Streams ended with InvalidArgument.
     pub rejected_streams: Counter,
+    /// Streams refused for a missing or invalid token (TLS listener).
+    pub unauthenticated_streams: Counter,
 }
 
 impl AdsMetrics {
@@ -133,6 +140,11 @@ impl AdsMetrics {
             "rejected_streams",
             "Delta ADS streams ended because of a malformed request",
             self.rejected_streams.clone(),
+        );
+        r.register(
+            "unauthenticated_streams",
+            "Delta ADS streams refused for a missing or invalid token",
+            self.unauthenticated_streams.clone(),
         );
     }
 
@@ -160,6 +172,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct AdsServer {
     inner: Arc<Inner>,
+    /// Streams must present a token this accepts (the TLS listener, 15012); `None` on the
+    /// plaintext listener, which is for local use only.
+    auth: Option<Arc<dyn TokenAuthenticator>>,
 }
 
 impl AdsServer {
@@ -181,7 +196,16 @@ impl AdsServer {
                 stop,
                 next_stream: AtomicU64::new(1),
             }),
+            auth: None,
         }
+    }
+
+    /// This service with every stream authenticated like a CA request (`authorization:
+    /// Bearer <token>`): the config describes every workload, policy and certificate
+    /// address in the mesh, and is not for anyone who can reach the port.
+    pub fn with_authenticator(mut self, auth: Arc<dyn TokenAuthenticator>) -> Self {
+        self.auth = Some(auth);
+        self
     }
 
     pub fn metrics(&self) -> &Arc<AdsMetrics> {
@@ -218,6 +242,16 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let peer = peer_addr(&request);
+        if let Some(auth) = &self.auth {
+            match crate::ca::authenticate(auth.as_ref(), request.metadata()).await {
+                Ok(caller) => debug!(?peer, %caller, "ADS stream authenticated"),
+                Err(status) => {
+                    warn!(?peer, "ADS stream refused: {}", status.message());
+                    self.inner.metrics.unauthenticated_streams.inc();
+                    return Err(status);
+                }
+            }
+        }
         let inbound = request.into_inner();
         let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
