@@ -4,7 +4,8 @@
 //! ≥ 5.7 (TCX/`bpf_sk_assign` in tc ingress), bpffs mounted, `bpf()` permitted. Cluster checks
 //! use the API: reachable, every node's kernel (from `status.nodeInfo`, the authoritative
 //! answer), the Gateway API CRDs (a prerequisite), zmesh's own CRDs, and other meshes whose
-//! node agents or control planes would fight over the same pods and labels.
+//! node agents or control planes would fight over the same pods and labels, and what the
+//! kubeconfig's user may do (install, enroll, waypoints, port-forward to ztunnel's admin port).
 //!
 //! A check that cannot run (not root, forbidden) is a WARN, never a silent OK. Exit status 1
 //! when any check FAILs.
@@ -343,6 +344,65 @@ async fn other_meshes(kube: &Kube) -> Vec<Check> {
     out
 }
 
+/// What the kubeconfig's user may do, for the commands that need it (SelfSubjectAccessReview,
+/// as `kubectl auth can-i`): a missing permission is a WARN naming the commands it breaks,
+/// since `check` may run as someone other than the operator who installs.
+async fn permissions(kube: &Kube, system_ns: &str) -> Check {
+    const NAME: &str = "permissions";
+    // (verb, group, resource, namespace, the commands that need it)
+    let wanted: [(&str, &str, &str, Option<&str>, &str); 5] = [
+        (
+            "create",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+            "zmesh install",
+        ),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            None,
+            "zmesh install",
+        ),
+        ("patch", "", "namespaces", None, "zmesh enroll"),
+        (
+            "create",
+            "gateway.networking.k8s.io",
+            "gateways",
+            None,
+            "zmesh waypoint",
+        ),
+        (
+            "create",
+            "",
+            "pods/portforward",
+            Some(system_ns),
+            "zmesh status, zmesh config-dump",
+        ),
+    ];
+    let mut missing = Vec::new();
+    for (verb, group, resource, ns, needed_by) in wanted {
+        match kube.can_i(verb, group, resource, ns).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let scope = ns.map(|n| format!(" in {n}")).unwrap_or_default();
+                missing.push(format!("{verb} {resource}{scope} (for {needed_by})"));
+            }
+            Err(e) => return cannot(NAME, e),
+        }
+    }
+    if missing.is_empty() {
+        check(
+            NAME,
+            Status::Ok,
+            "may install, enroll, deploy waypoints and port-forward to ztunnel",
+        )
+    } else {
+        check(NAME, Status::Warn, format!("cannot {}", missing.join("; ")))
+    }
+}
+
 pub async fn collect(opts: &ConnectOptions) -> Vec<Check> {
     let mut checks = vec![local_kernel(), bpffs(), bpf_syscall()];
     const API: &str = "API server";
@@ -369,6 +429,7 @@ pub async fn collect(opts: &ConnectOptions) -> Vec<Check> {
     checks.push(gateway_api(&kube).await);
     checks.push(zmesh_crds(&kube).await);
     checks.extend(other_meshes(&kube).await);
+    checks.push(permissions(&kube, &manifests::system_namespace()).await);
     checks
 }
 

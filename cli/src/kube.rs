@@ -384,6 +384,13 @@ pub const DEPLOYMENT: Kind = Kind {
     plural: "deployments",
 };
 
+pub const ACCESS_REVIEW: Kind = Kind {
+    group: "authorization.k8s.io",
+    version: "v1",
+    kind: "SelfSubjectAccessReview",
+    plural: "selfsubjectaccessreviews",
+};
+
 pub const DAEMONSET: Kind = Kind {
     group: "apps",
     version: "v1",
@@ -435,6 +442,43 @@ impl Kube {
             .await
             .map(|l| l.items)
             .map_err(|e| self.error(&op, e))
+    }
+
+    /// May the kubeconfig's user `verb` `resource` (`"pods/portforward"` for a subresource) of
+    /// API group `group`, in `namespace` (None: cluster-wide)? A SelfSubjectAccessReview, as
+    /// `kubectl auth can-i` does; it changes nothing.
+    pub async fn can_i(
+        &self,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        namespace: Option<&str>,
+    ) -> Result<bool, CliError> {
+        let (res, sub) = resource.split_once('/').unwrap_or((resource, ""));
+        let op = Op::new("create", ACCESS_REVIEW.resource_name(), None, None);
+        let review: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "metadata": {},
+            "spec": {"resourceAttributes": {
+                "verb": verb, "group": group, "resource": res, "subresource": sub,
+                "namespace": namespace.unwrap_or(""),
+            }},
+        }))
+        .map_err(|e| CliError::Request {
+            what: op.describe(),
+            reason: e.to_string(),
+        })?;
+        let answer = self
+            .dynamic(&ACCESS_REVIEW.api_resource(), None)
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+            .map_err(|e| self.error(&op, e))?;
+        Ok(answer
+            .data
+            .pointer("/status/allowed")
+            .and_then(Value::as_bool)
+            .unwrap_or(false))
     }
 
     /// Server-side apply (force: zmesh owns the fields it writes, as `kubectl apply

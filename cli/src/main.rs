@@ -180,12 +180,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             // ztunnel pods live in zmesh's namespace, whatever the context's namespace is.
             let ns = match (&cli.namespace, args.component) {
                 (Some(ns), _) => ns.clone(),
-                (None, config_dump::Component::Ztunnel) => {
-                    let docs = manifests::parse(manifests::files()).unwrap_or_default();
-                    manifests::find(&docs, "DaemonSet")
-                        .map(|(ns, _)| ns)
-                        .unwrap_or_else(|| "zmesh-system".into())
-                }
+                (None, config_dump::Component::Ztunnel) => manifests::system_namespace(),
                 (None, config_dump::Component::Waypoint) => kube.namespace.clone(),
             };
             config_dump::run(&kube, &args, &ns, format).await

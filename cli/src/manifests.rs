@@ -419,6 +419,14 @@ pub fn render(
     render_docs(&docs)
 }
 
+/// The namespace ztunnel (and the controller) are installed in: the embedded DaemonSet's.
+pub fn system_namespace() -> String {
+    let docs = parse(files()).unwrap_or_default();
+    find(&docs, "DaemonSet")
+        .map(|(ns, _)| ns)
+        .unwrap_or_else(|| "zmesh-system".into())
+}
+
 /// `(namespace, name)` of the first object of `kind` in the manifests.
 pub fn find(docs: &[Document], kind: &str) -> Option<(String, String)> {
     docs.iter().find(|d| d.kind() == kind).map(|d| {

@@ -975,9 +975,45 @@ async fn check_reports_ok_warn_fail() {
     assert_eq!(status_of("Gateway API CRDs"), "OK", "{text}");
     assert_eq!(status_of("zmesh CRDs"), "WARN", "{text}");
     assert_eq!(status_of("other meshes"), "OK", "{text}");
+    assert_eq!(status_of("permissions"), "OK", "{text}");
     // Local checks depend on the machine; they only must not FAIL the run when fine here.
     let local_fail = text.lines().skip(1).take(3).any(|l| l.contains(" FAIL "));
     assert_eq!(out.status.success(), !local_fail, "{text}");
+
+    // A user who may not port-forward into zmesh's namespace: a WARN naming the commands
+    // that will not work (not a FAIL: check may run as someone else than the operator).
+    e.api
+        .deny_access("create", "pods/portforward", Some("zmesh-system"));
+    let permission = |out: &std::process::Output| -> Value {
+        let checks: Value = serde_json::from_slice(&out.stdout).unwrap();
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "permissions")
+            .cloned()
+            .unwrap_or_else(|| panic!("no permissions check: {checks}"))
+    };
+    let p = permission(&e.zmesh(&["check", "-o", "json"]).await);
+    assert_eq!(p["status"], "WARN", "{p}");
+    let msg = p["message"].as_str().unwrap();
+    assert!(
+        msg.contains("pods/portforward in zmesh-system") && msg.contains("zmesh config-dump"),
+        "{p}"
+    );
+    // The review itself forbidden: cannot check, a WARN too.
+    e.api.fail(
+        "POST",
+        "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+        403,
+    );
+    let p = permission(&e.zmesh(&["check", "-o", "json"]).await);
+    assert_eq!(p["status"], "WARN", "{p}");
+    assert!(
+        p["message"].as_str().unwrap().starts_with("cannot check"),
+        "{p}"
+    );
+    e.api.clear_failures();
 
     // An old node kernel and a running istiod are FAILs: exit 1.
     e.api.insert(

@@ -123,6 +123,14 @@ pub fn builtin() -> Vec<Kind> {
             "tokenreviews",
             false,
         ),
+        // Answered from the fake's access rules, never stored (see `server.rs`).
+        Kind::builtin(
+            "authorization.k8s.io",
+            &["v1"],
+            "SelfSubjectAccessReview",
+            "selfsubjectaccessreviews",
+            false,
+        ),
         Kind::builtin(
             "gateway.networking.k8s.io",
             &["v1", "v1beta1"],

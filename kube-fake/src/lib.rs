@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 pub use store::RecordedRequest;
-use store::{Event, Failure, State, Write};
+use store::{AccessRule, Event, Failure, State, Write};
 
 /// Shared between the handle and the connection tasks.
 pub(crate) struct Inner {
@@ -237,6 +237,18 @@ impl FakeApiServer {
     /// Removes every injected failure.
     pub fn clear_failures(&self) {
         self.state().failures.clear();
+    }
+
+    /// SelfSubjectAccessReview (`kubectl auth can-i`) answers `allowed: false` for `verb` on
+    /// `resource` (`"pods/portforward"` for a subresource) in `namespace` (None: everywhere).
+    /// Everything not denied is allowed. Requests themselves are not checked against this:
+    /// use [`FakeApiServer::fail`] for a Forbidden answer.
+    pub fn deny_access(&self, verb: &str, resource: &str, namespace: Option<&str>) {
+        self.state().denied.push(AccessRule {
+            verb: verb.to_string(),
+            resource: resource.to_string(),
+            namespace: namespace.map(str::to_string),
+        });
     }
 
     /// What `GET /api/v1/namespaces/NS/pods/POD[:PORT]/proxy/PATH` answers (unset: 502, as

@@ -375,6 +375,14 @@ pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body>
                 vec![],
             ))
         }
+        (&Method::POST, Route::Collection { kind, version, .. })
+            if kind.plural == "selfsubjectaccessreviews" =>
+        {
+            match body {
+                Some(b) => st.access_review(&kind, &version, b).map(|o| (o, vec![])),
+                None => Err(ApiError::new(400, "BadRequest", "the request has no body")),
+            }
+        }
         (&Method::POST, Route::Collection { kind, version, ns }) => match body {
             Some(b) => st
                 .write(

@@ -111,7 +111,18 @@ pub struct State {
     pub proxies: HashMap<String, (u16, String)>,
     /// `ns/pod` → port → where the `portforward` subresource connects for that port.
     pub port_forwards: HashMap<String, HashMap<u16, std::net::SocketAddr>>,
+    /// Permissions the fake's user lacks; everything else is allowed.
+    pub denied: Vec<AccessRule>,
     uid: u64,
+}
+
+/// A permission SelfSubjectAccessReview answers `allowed: false` for: `verb` on `resource`
+/// (`"pods/portforward"` for a subresource), in `namespace` or (None) everywhere.
+#[derive(Clone, Debug)]
+pub struct AccessRule {
+    pub verb: String,
+    pub resource: String,
+    pub namespace: Option<String>,
 }
 
 impl Default for State {
@@ -125,6 +136,7 @@ impl Default for State {
             failures: Vec::new(),
             proxies: HashMap::new(),
             port_forwards: HashMap::new(),
+            denied: Vec::new(),
             uid: 0,
         }
     }
@@ -163,6 +175,61 @@ fn now() -> String {
 }
 
 impl State {
+    /// The answer to a SelfSubjectAccessReview: `review` with `status.allowed` from
+    /// [`State::denied`]; it is not stored.
+    pub fn access_review(
+        &self,
+        kind: &Kind,
+        version: &str,
+        review: Value,
+    ) -> Result<Value, ApiError> {
+        let Value::Object(mut obj) = review else {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                "the review is not a JSON object",
+            ));
+        };
+        let attrs = obj
+            .get("spec")
+            .and_then(|s| s.get("resourceAttributes"))
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(422, "Invalid", "spec.resourceAttributes: Required value")
+            })?;
+        let field = |k: &str| {
+            attrs
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let (verb, sub, ns) = (field("verb"), field("subresource"), field("namespace"));
+        let resource = if sub.is_empty() {
+            field("resource")
+        } else {
+            format!("{}/{sub}", field("resource"))
+        };
+        let denied = self.denied.iter().any(|r| {
+            r.verb == verb
+                && r.resource == resource
+                && r.namespace.as_ref().is_none_or(|n| *n == ns)
+        });
+        obj.insert(
+            "apiVersion".into(),
+            Value::String(kind.api_version(version)),
+        );
+        obj.insert("kind".into(), Value::String(kind.kind.clone()));
+        obj.insert(
+            "status".into(),
+            serde_json::json!({
+                "allowed": !denied,
+                "reason": if denied { "denied by the fake API server's access rules" } else { "" },
+            }),
+        );
+        Ok(Value::Object(obj))
+    }
+
     /// The kind of `apiVersion`/`kind` (`apps/v1`, `Deployment`).
     pub fn kind_of(&self, api_version: &str, kind: &str) -> Option<Kind> {
         let (group, _) = api_version.rsplit_once('/').unwrap_or(("", api_version));
