@@ -120,7 +120,8 @@ pub fn ztunnel_binary_for(explicit: Option<&PathBuf>, no_build: bool) -> Result<
         if !p.is_file() {
             bail!("--ztunnel {}: no such file", p.display());
         }
-        return Ok(p.clone());
+        // Absolute: the binary is started from other working directories (netns helpers).
+        return std::fs::canonicalize(p).with_context(|| format!("--ztunnel {}", p.display()));
     }
     let (own_dir, own) = own_profile()?;
     let (dir, profile) = if own == "release" {

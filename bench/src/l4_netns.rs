@@ -52,6 +52,10 @@ pub struct NetnsArgs {
     /// Do not run `cargo build -p ztunnel` first.
     #[arg(long)]
     no_build: bool,
+    /// ztunnel binary to run (default: `target/release-ztunnel/ztunnel` for a release bench),
+    /// e.g. for an interleaved A/B of two builds.
+    #[arg(long)]
+    ztunnel: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -201,7 +205,7 @@ pub fn run(args: NetnsArgs) -> Result<()> {
         bail!("l4-netns needs root (network namespaces, eBPF)");
     }
     // The harness runs `target/<profile>/ztunnel` next to this binary: build it first.
-    let zt_bin = crate::l4::ztunnel_binary_for(None, args.no_build)?;
+    let zt_bin = crate::l4::ztunnel_binary_for(args.ztunnel.as_ref(), args.no_build)?;
     let mut r = NetnsReport {
         meta: NetnsMeta {
             benchmark: "l4-netns",

@@ -77,6 +77,12 @@ pub struct L7Args {
     /// on one connection).
     #[arg(long, default_value_t = 16)]
     max_concurrency: usize,
+    /// ztunnel binary to run (default: `target/release-ztunnel/ztunnel` for a release bench).
+    #[arg(long)]
+    ztunnel: Option<PathBuf>,
+    /// waypoint binary to run (default: the one next to this binary).
+    #[arg(long)]
+    waypoint: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +167,7 @@ pub struct L7Meta {
     pub machine: sys::Machine,
     pub bench_profile: &'static str,
     pub ztunnel_binary: String,
+    pub waypoint_binary: String,
     pub rr_secs: f64,
     pub rr_rate_per_s: f64,
     pub size_bytes: usize,
@@ -417,7 +424,14 @@ pub fn run(args: L7Args) -> Result<()> {
     }
     // Under `cargo run`, builds ztunnel's shipping profile first; the waypoint and the
     // controller are the ones next to this binary.
-    let zt_bin = crate::l4::ztunnel_binary_for(None, false)?;
+    let zt_bin = crate::l4::ztunnel_binary_for(args.ztunnel.as_ref(), false)?;
+    let waypoint = match &args.waypoint {
+        Some(w) if !w.is_file() => bail!("--waypoint {}: no such file", w.display()),
+        Some(w) => {
+            Some(std::fs::canonicalize(w).with_context(|| format!("--waypoint {}", w.display()))?)
+        }
+        None => None,
+    };
     let mut r = L7Report {
         targets: Targets {
             cpu_s_per_1k_req: TARGET_CPU_S_PER_1K,
@@ -438,13 +452,20 @@ pub fn run(args: L7Args) -> Result<()> {
             max_secs: args.max_secs,
             max_concurrency: args.max_concurrency,
             ztunnel_binary: zt_bin.display().to_string(),
+            waypoint_binary: match &waypoint {
+                Some(w) => w.display().to_string(),
+                None => zmesh_tests::target_bin("waypoint")?.display().to_string(),
+            },
             ..L7Meta::default()
         },
         ..L7Report::default()
     };
     eprintln!("creating the netns cluster (2 nodes, controller, waypoint not in use yet)...");
-    let mut cluster = Cluster::builder()
-        .ztunnel_binary(zt_bin)
+    let mut builder = Cluster::builder().ztunnel_binary(zt_bin);
+    if let Some(w) = waypoint {
+        builder = builder.waypoint_binary(w);
+    }
+    let mut cluster = builder
         .controller()
         .nodes(2)
         .pod(PodSpec::new("client", NS, 0, true))

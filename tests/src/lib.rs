@@ -488,6 +488,7 @@ pub struct ClusterBuilder {
     mesh: MeshDesc,
     source: SourceKind,
     ztunnel: Option<PathBuf>,
+    waypoint: Option<PathBuf>,
 }
 
 impl ClusterBuilder {
@@ -541,8 +542,13 @@ impl ClusterBuilder {
         self.ztunnel = Some(path);
         self
     }
+    /// Run this waypoint binary instead of `target/<profile>/waypoint` (benchmark A/B runs).
+    pub fn waypoint_binary(mut self, path: PathBuf) -> Self {
+        self.waypoint = Some(path);
+        self
+    }
     pub fn build(self) -> Result<Cluster> {
-        Cluster::create(self.mesh, self.source, self.ztunnel)
+        Cluster::create(self.mesh, self.source, self.ztunnel, self.waypoint)
     }
 }
 
@@ -576,6 +582,8 @@ pub struct Cluster {
     netns: Vec<String>,
     /// `None`: [`ztunnel_bin`].
     ztunnel_binary: Option<PathBuf>,
+    /// `None`: `target/<profile>/waypoint`.
+    pub(crate) waypoint_binary: Option<PathBuf>,
     ztunnels: Vec<Option<Proc>>,
     apps: Vec<Proc>,
     restarts: u32,
@@ -593,6 +601,7 @@ impl Cluster {
             },
             source: SourceKind::LocalFile,
             ztunnel: None,
+            waypoint: None,
         }
     }
 
@@ -624,6 +633,7 @@ impl Cluster {
         mut mesh: MeshDesc,
         kind: SourceKind,
         ztunnel_binary: Option<PathBuf>,
+        waypoint_binary: Option<PathBuf>,
     ) -> Result<Cluster> {
         if !mesh.waypoints.is_empty() && kind != SourceKind::Controller {
             return Err(HarnessError::Other(
@@ -657,6 +667,7 @@ impl Cluster {
             source,
             netns: Vec::new(),
             ztunnel_binary,
+            waypoint_binary,
             ztunnels: Vec::new(),
             apps: Vec::new(),
             restarts: 0,

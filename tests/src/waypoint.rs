@@ -114,7 +114,10 @@ impl Cluster {
         })?;
         let (root, token) = (source.root_cert(), source.token_file(wp.node));
         let pod = self.pod(&wp.pod_name()).clone();
-        let bin = crate::package_bin("waypoint", "waypoint")?;
+        let bin = match &self.waypoint_binary {
+            Some(p) => p.clone(),
+            None => crate::package_bin("waypoint", "waypoint")?,
+        };
         let n = self.waypoint_starts;
         self.waypoint_starts += 1;
         let log = self.dir.join(format!("waypoint-{name}.{n}.log"));
