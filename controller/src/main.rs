@@ -105,7 +105,7 @@ fn parse_addr(flag: &str, s: &str) -> Result<Option<SocketAddr>> {
 fn main() -> Result<()> {
     let args = Args::parse();
     zmesh_core::tls::install_default_provider();
-    let _logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
+    let _logs = zmesh_core::telemetry::init_logging("info", args.log_json, None)?;
     let dir = match (&args.config_dir, args.kubernetes) {
         (Some(dir), false) if !dir.is_dir() => {
             bail!("--config-dir {} is not a directory", dir.display())

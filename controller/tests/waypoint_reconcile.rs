@@ -42,7 +42,7 @@ fn namespaces(api: &FakeApiServer, names: &[&str]) {
 /// Start the reconciler against `api` with test timing; cancelled on drop of the token.
 async fn start(api: &FakeApiServer) -> CancellationToken {
     // Logs (RUST_LOG=debug) help when a wait times out; only the first test's init succeeds.
-    let _ = zmesh_core::telemetry::init_logging("info", false).map(std::mem::forget);
+    let _ = zmesh_core::telemetry::init_logging("info", false, None).map(std::mem::forget);
     let client = kube::Client::try_from(api.kube_config()).expect("client for the fake API");
     let timing = Timing {
         backoff_initial: Duration::from_millis(50),

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tracing::field::{Field, Visit};
+
+use crate::logwriter::LogWriter;
 use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -53,6 +55,8 @@ pub struct LogHandle {
     handle: FilterHandle,
     // Keeps the filter alive for a handle not attached to a subscriber (the reload handle is weak).
     _detached: Option<Arc<reload::Layer<Targets, Registry>>>,
+    /// The output, to flush gathered lines at exit.
+    output: Option<LogWriter<std::io::Stderr>>,
 }
 
 impl fmt::Debug for LogHandle {
@@ -78,7 +82,15 @@ impl LogHandle {
         Ok(LogHandle {
             handle,
             _detached: Some(Arc::new(layer)),
+            output: None,
         })
+    }
+
+    /// Write out log lines gathered for the flush interval (call before the process exits).
+    pub fn flush(&self) {
+        if let Some(o) = &self.output {
+            o.flush_now();
+        }
     }
 
     /// Replace the filter. A bad filter is rejected and the old one stays.
@@ -127,22 +139,31 @@ fn parse_filter(filter: &str) -> Result<Targets, TelemetryError> {
 /// Install the global subscriber: filter from `RUST_LOG` (falling back to `default_filter`, then
 /// `info`), text or JSON lines on stderr. Access-log capture (see [`capture_access_logs`]) keeps
 /// working under this subscriber.
-pub fn init_logging(default_filter: &str, json: bool) -> Result<LogHandle, TelemetryError> {
+///
+/// With `flush_interval`, lines are gathered and written at least that often, WARN and ERROR
+/// at once (see [`crate::logwriter`]); call [`LogHandle::flush`] before exiting. A panic
+/// flushes first, so the lines before it are not lost. Without, each line is written at once.
+pub fn init_logging(
+    default_filter: &str,
+    json: bool,
+    flush_interval: Option<Duration>,
+) -> Result<LogHandle, TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => parse_filter(&env)?,
         _ if !default_filter.trim().is_empty() => parse_filter(default_filter)?,
         _ => parse_filter("info")?,
     };
     let (filter, handle) = reload::Layer::new(filter);
+    let writer = LogWriter::new(std::io::stderr(), flush_interval.filter(|d| !d.is_zero()));
     let output: Box<dyn Layer<Registry> + Send + Sync> = if json {
         tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer.clone())
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer.clone())
             .boxed()
     };
     // The filter is per-layer on the output only, so capture sees access events whatever the level.
@@ -151,9 +172,18 @@ pub fn init_logging(default_filter: &str, json: bool) -> Result<LogHandle, Telem
         .with(capture_layer())
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInitialized)?;
+    if !writer.is_immediate() {
+        let w = writer.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            w.flush_now();
+            previous(info);
+        }));
+    }
     Ok(LogHandle {
         handle,
         _detached: None,
+        output: Some(writer),
     })
 }
 
@@ -462,7 +492,7 @@ mod tests {
     fn init_logging_after_capture_reports_already_initialized() {
         let _cap = capture_access_logs();
         assert!(matches!(
-            init_logging("info", false),
+            init_logging("info", false, None),
             Err(TelemetryError::AlreadyInitialized)
         ));
     }

@@ -6,9 +6,9 @@ use zmesh_core::telemetry::{AccessLog, TelemetryError, capture_access_logs, init
 
 #[test]
 fn init_logging_json_reload_and_capture_coexist() {
-    let logs = init_logging("info", true).expect("first init succeeds");
+    let logs = init_logging("info", true, None).expect("first init succeeds");
     assert!(matches!(
-        init_logging("info", false),
+        init_logging("info", false, None),
         Err(TelemetryError::AlreadyInitialized)
     ));
     logs.set("warn,zmesh_core=debug").expect("valid filter");

@@ -212,6 +212,14 @@ fn seeds_scenarios_through_the_waypoint() {
         m.len() >= 2 && !m.keys().any(|k| k.starts_with("status")),
         "A0 baseline: {m:?}"
     );
+    // A line per request in the waypoint's own log, written within its flush interval (1 s).
+    wait_until(&c, Duration::from_secs(10), "A0's access-log lines", || {
+        c.waypoint_log(WP)
+            .lines()
+            .filter(|l| l.contains("request complete") && l.contains("response_code=200"))
+            .count()
+            >= 30
+    });
 
     // A1: route all to v1.
     apply(

@@ -84,6 +84,11 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_FORMAT_JSON")]
     log_json: bool,
+    /// Write log lines (one per request) at least this often, in milliseconds, rather than one
+    /// `write` each (~10 % of the waypoint's CPU); WARN and ERROR lines are never held back.
+    /// 0 writes every line at once.
+    #[arg(long, env = "LOG_FLUSH_INTERVAL_MS", default_value_t = 1000)]
+    log_flush_interval_ms: u64,
     /// Worker threads serving traffic (Envoy's --concurrency), each with its own HBONE
     /// listener and upstream connections; default: the number of available cores.
     #[arg(long, env = "WAYPOINT_CONCURRENCY")]
@@ -103,7 +108,11 @@ fn parse_peer_port(s: &str) -> Result<(String, u16), String> {
 fn main() -> Result<()> {
     let args = Args::parse();
     zmesh_core::tls::install_default_provider();
-    let logs = zmesh_core::telemetry::init_logging("info", args.log_json)?;
+    let logs = zmesh_core::telemetry::init_logging(
+        "info",
+        args.log_json,
+        Some(Duration::from_millis(args.log_flush_interval_ms)),
+    )?;
     let _ = zmesh_core::socket::raise_fd_limit();
     // Traffic runs on the workers' own runtimes (see `zmesh_core::worker`); this one only has
     // the control plane (xDS, certificates, admin, metrics, readiness): one thread is plenty.
@@ -114,7 +123,10 @@ fn main() -> Result<()> {
         .enable_all()
         .thread_name("waypoint")
         .build()?;
-    rt.block_on(run(args, logs))
+    let result = rt.block_on(run(args, logs.clone()));
+    // Gathered log lines (the flush interval) must not die with the process.
+    logs.flush();
+    result
 }
 
 fn control_plane_tls(args: &Args) -> Result<Option<ControlPlaneTls>> {

@@ -33,7 +33,7 @@ impl Steps {
 async fn main() -> ExitCode {
     let check_mode = std::env::args().any(|a| a == "--check");
     // Quiet logs (warnings only); access-log events are still captured for step 1.
-    let _ = zmesh_core::telemetry::init_logging("warn", false);
+    let _ = zmesh_core::telemetry::init_logging("warn", false, None);
     let logs = zmesh_core::telemetry::capture_access_logs();
     let mut steps = Steps {
         passed: 0,
