@@ -1,7 +1,8 @@
 //! `zmesh check`: pre-flight checks before (and after) `zmesh install`.
 //!
 //! Local checks describe the machine the CLI runs on, which matters when that is a node: kernel
-//! ≥ 5.7 (TCX/`bpf_sk_assign` in tc ingress), bpffs mounted, `bpf()` permitted. Cluster checks
+//! ≥ 6.6 (ztunnel attaches its tc programs as TCX links, new in 6.6; `bpf_sk_assign` at tc
+//! ingress alone would need 5.7), bpffs mounted, `bpf()` permitted. Cluster checks
 //! use the API: reachable, every node's kernel (from `status.nodeInfo`, the authoritative
 //! answer), the Gateway API CRDs (a prerequisite), zmesh's own CRDs, and other meshes whose
 //! node agents or control planes would fight over the same pods and labels, and what the
@@ -18,7 +19,13 @@ use crate::kube::{self, CRD, ConnectOptions, DAEMONSET, DEPLOYMENT, Kube, NAMESP
 use crate::manifests;
 use crate::output::{Format, Table, print, structured};
 
-pub const MIN_KERNEL: (u32, u32) = (5, 7);
+/// Oldest kernel ztunnel runs on: TCX links (`ebpf/src/tc.rs`), see README's kernel table.
+pub const MIN_KERNEL: (u32, u32) = (6, 6);
+
+/// [`MIN_KERNEL`] as people write it.
+fn min_kernel() -> String {
+    format!("{}.{}", MIN_KERNEL.0, MIN_KERNEL.1)
+}
 const GATEWAY_CRD: &str = "gateways.gateway.networking.k8s.io";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -73,12 +80,15 @@ fn local_kernel() -> Check {
     match local_release() {
         None => check(NAME, Status::Warn, "unknown: uname failed"),
         Some(rel) => match parse_kernel(&rel) {
-            Some(v) if v >= MIN_KERNEL => check(NAME, Status::Ok, format!("{rel} (≥ 5.7)")),
+            Some(v) if v >= MIN_KERNEL => {
+                check(NAME, Status::Ok, format!("{rel} (≥ {})", min_kernel()))
+            }
             Some(_) => check(
                 NAME,
                 Status::Warn,
                 format!(
-                    "{rel} is older than 5.7: ztunnel cannot run on this machine (fine if it is not a node)"
+                    "{rel} is older than {}: ztunnel cannot run on this machine (fine if it is not a node)",
+                    min_kernel()
                 ),
             ),
             None => check(
@@ -211,7 +221,7 @@ async fn node_kernels(kube: &Kube) -> Check {
         check(
             NAME,
             Status::Fail,
-            format!("older than 5.7 or unknown: {}", old.join(", ")),
+            format!("older than {} or unknown: {}", min_kernel(), old.join(", ")),
         )
     } else {
         let min = min.map(|(_, r)| r).unwrap_or_default();
@@ -470,7 +480,10 @@ mod tests {
         assert_eq!(parse_kernel("5.15.0-1051-azure"), Some((5, 15)));
         assert_eq!(parse_kernel("4.19.0"), Some((4, 19)));
         assert!(parse_kernel("5.4.0") < Some(MIN_KERNEL));
-        assert!(parse_kernel("5.10.0") >= Some(MIN_KERNEL));
+        // Debian 12's kernel has bpf_sk_assign at tc ingress but no TCX links.
+        assert!(parse_kernel("6.1.0-18-amd64") < Some(MIN_KERNEL));
+        assert!(parse_kernel("6.6.0") >= Some(MIN_KERNEL));
+        assert!(parse_kernel("6.18.44-fc-v657") >= Some(MIN_KERNEL));
         assert_eq!(parse_kernel("garbage"), None);
     }
 

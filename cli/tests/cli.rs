@@ -946,8 +946,8 @@ async fn status_shows_controller_ztunnels_waypoints_and_enrolled_namespaces() {
 async fn check_reports_ok_warn_fail() {
     let e = env().await;
     for (name, kernel) in [
-        ("node-a", "6.1.0-18-amd64"),
-        ("node-b", "5.15.0-1051-azure"),
+        ("node-a", "6.12.38+deb13-amd64"),
+        ("node-b", "6.8.0-1021-azure"),
     ] {
         e.api.insert(
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
@@ -1015,10 +1015,11 @@ async fn check_reports_ok_warn_fail() {
     );
     e.api.clear_failures();
 
-    // An old node kernel and a running istiod are FAILs: exit 1.
+    // An old node kernel (Debian 12's 6.1 has no TCX links) and a running istiod are FAILs:
+    // exit 1.
     e.api.insert(
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-old"},
-        "status": {"nodeInfo": {"kernelVersion": "5.4.0-150-generic"}}}),
+        "status": {"nodeInfo": {"kernelVersion": "6.1.0-18-amd64"}}}),
     );
     e.namespace("istio-system", json!({}));
     e.api.insert(json!({"apiVersion": "apps/v1", "kind": "Deployment",
@@ -1036,6 +1037,17 @@ async fn check_reports_ok_warn_fail() {
         .map(|c| c["check"].as_str().unwrap())
         .collect();
     assert!(fails.contains(&"node kernels"), "{checks}");
+    let kernels = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "node kernels")
+        .unwrap();
+    let msg = kernels["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("older than 6.6") && msg.contains("node-old"),
+        "{kernels}"
+    );
     assert!(fails.contains(&"other meshes"), "{checks}");
     assert!(stderr(&out).starts_with("error: "), "{}", stderr(&out));
 }
