@@ -201,13 +201,32 @@ impl Cluster {
             .is_some_and(|t| t > now)
     }
 
+    /// Indices (into `uids`) of the endpoints to balance over: those not ejected, or all of
+    /// them while fewer than `minHealthPercent` are (Envoy's panic threshold, which Istio sets
+    /// from that field; unset, it is off and an all-ejected cluster has no endpoint: 503 `UH`).
+    fn usable(&self, uids: &[&str], now: Instant) -> Vec<usize> {
+        let live: Vec<usize> = (0..uids.len())
+            .filter(|&i| !self.is_ejected(uids[i], now))
+            .collect();
+        let min_health = self
+            .policy
+            .outlier
+            .as_ref()
+            .map_or(0, |o| o.min_health_percent.min(100) as usize);
+        if min_health > 0 && live.len() * 100 < uids.len() * min_health {
+            return (0..uids.len()).collect();
+        }
+        live
+    }
+
     /// Choose an endpoint among `candidates` (healthy per the control plane), excluding
     /// ejected ones. `hash` is the consistent-hash key when the policy asks for one.
     pub fn pick(&self, candidates: &[Endpoint], hash: Option<&str>) -> Option<Endpoint> {
-        let now = Instant::now();
-        let live: Vec<&Endpoint> = candidates
-            .iter()
-            .filter(|e| !self.is_ejected(&e.workload.uid, now))
+        let uids: Vec<&str> = candidates.iter().map(|e| e.workload.uid.as_str()).collect();
+        let live: Vec<&Endpoint> = self
+            .usable(&uids, Instant::now())
+            .into_iter()
+            .map(|i| &candidates[i])
             .collect();
         if live.is_empty() {
             return None;
@@ -280,9 +299,10 @@ impl Cluster {
         } else {
             od.max_ejection_percent.min(100)
         };
-        // Envoy always allows ejecting at least one host... unless the percentage forbids it.
-        let allowed = (total_hosts.max(1) * max_pct as usize) / 100;
-        if ejected_now + 1 > allowed.max(usize::from(max_pct == 100)) {
+        // As Envoy: the first ejection always happens (10 % of fewer than 10 hosts would
+        // otherwise forbid any); further ones only while the ejected share stays within it.
+        let allowed = (total_hosts * max_pct as usize) / 100;
+        if ejected_now > 0 && ejected_now + 1 > allowed {
             return;
         }
         let base = od
@@ -707,5 +727,108 @@ struct Pending(Arc<Cluster>);
 impl Drop for Pending {
     fn drop(&mut self) {
         self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(outlier: l7::OutlierDetection) -> Arc<Cluster> {
+        Cluster::new(
+            "reviews".into(),
+            Policy {
+                outlier: Some(outlier),
+                ..Policy::default()
+            },
+        )
+    }
+
+    fn fail(c: &Cluster, uid: &str, times: u32, hosts: usize) {
+        for _ in 0..times {
+            c.record_outcome(uid, Some(503), hosts);
+        }
+    }
+
+    #[test]
+    fn default_max_ejection_percent_still_ejects_one_of_a_few_hosts() {
+        let c = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(2),
+            ..Default::default()
+        });
+        let now = Instant::now();
+        fail(&c, "a", 1, 3);
+        assert!(!c.is_ejected("a", now), "one 5xx of 2 ejects nobody");
+        c.record_outcome("a", Some(200), 3);
+        fail(&c, "a", 1, 3);
+        assert!(!c.is_ejected("a", now), "a success resets the count");
+        fail(&c, "a", 1, 3);
+        assert!(
+            c.is_ejected("a", Instant::now()),
+            "2 consecutive 5xx of 3 hosts"
+        );
+        assert_eq!(c.stats.ejections.load(Ordering::Relaxed), 1);
+        // 10 % of 3 hosts: a second ejection would exceed it.
+        fail(&c, "b", 5, 3);
+        assert!(!c.is_ejected("b", Instant::now()));
+        assert_eq!(c.usable(&["a", "b", "c"], Instant::now()), vec![1, 2]);
+    }
+
+    #[test]
+    fn max_ejection_percent_bounds_further_ejections() {
+        let c = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            max_ejection_percent: 50,
+            ..Default::default()
+        });
+        for uid in ["a", "b", "c"] {
+            fail(&c, uid, 1, 4);
+        }
+        let now = Instant::now();
+        let ejected: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|u| c.is_ejected(u, now))
+            .collect();
+        assert_eq!(ejected, ["a", "b"], "50 % of 4 hosts");
+        // 100 %: everything may go, and then no endpoint is left (503 UH upstream of here).
+        let all = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            max_ejection_percent: 100,
+            ..Default::default()
+        });
+        fail(&all, "a", 1, 2);
+        fail(&all, "b", 1, 2);
+        assert!(all.usable(&["a", "b"], Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn min_health_percent_balances_over_all_hosts_below_it() {
+        let c = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            max_ejection_percent: 100,
+            min_health_percent: 60,
+            ..Default::default()
+        });
+        fail(&c, "a", 1, 3);
+        // 2 of 3 healthy (67 % >= 60 %): the ejected host is skipped.
+        assert_eq!(c.usable(&["a", "b", "c"], Instant::now()), vec![1, 2]);
+        fail(&c, "b", 1, 3);
+        // 1 of 3 healthy (33 %): panic mode, all hosts.
+        assert_eq!(c.usable(&["a", "b", "c"], Instant::now()), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn ejection_ends_after_the_base_time() {
+        let c = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            base_ejection_time: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 50_000_000,
+            }),
+            ..Default::default()
+        });
+        fail(&c, "a", 1, 2);
+        assert!(c.is_ejected("a", Instant::now()));
+        assert!(!c.is_ejected("a", Instant::now() + Duration::from_millis(60)));
     }
 }

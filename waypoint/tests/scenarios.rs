@@ -218,6 +218,42 @@ async fn seeds_scenarios() {
     };
     assert_eq!(codes, vec![200, 200, 200, 429]);
 
+    // Outlier detection: v2 starts failing; after 2 consecutive 5xx it is ejected (the first
+    // ejection is always allowed, whatever 10 % of 3 hosts rounds to) and the rest of the
+    // traffic goes to v1 and v3.
+    mesh.apply_l7(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 60s}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews}\n    retries: {attempts: 0}\n",
+    );
+    let mut c = Client::connect(&mesh).await;
+    let mut failed = 0;
+    let mut after = std::collections::HashMap::new();
+    for _ in 0..60 {
+        let r = c
+            .get("/reviews/0", &[("x-fail-version", "v2")])
+            .await
+            .unwrap();
+        if r.status == 503 {
+            failed += 1;
+        } else if failed >= 2 {
+            assert_eq!(r.status, 200, "{r:?}");
+            *after.entry(r.body).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(failed, 2, "v2 answers 503 exactly until it is ejected");
+    assert!(
+        !after.contains_key("reviews-v2") && after.len() == 2,
+        "after the ejection only v1 and v3 answer: {after:?}"
+    );
+    let ejections: u64 = mesh
+        .wp
+        .inner
+        .upstreams
+        .clusters()
+        .iter()
+        .map(|c| c.stats.ejections.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert_eq!(ejections, 1);
+
     // Circuit breaker: 1 connection, 1 pending, 1 request per connection.
     mesh.apply_l7(
         "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}\n  subsets:\n  - {name: v1, labels: {version: v1}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n    retries: {attempts: 0}\n");

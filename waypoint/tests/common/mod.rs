@@ -84,6 +84,16 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                             if let Some(ms) = sleep {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                             }
+                            // `x-fail-version: v2`: that version answers 503 (outlier tests).
+                            if req
+                                .headers()
+                                .get("x-fail-version")
+                                .is_some_and(|v| v == version)
+                            {
+                                let mut r = hyper::Response::new(Full::new(Bytes::from("failing")));
+                                *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                                return Ok::<_, Infallible>(r);
+                            }
                             let mut r = hyper::Response::new(Full::new(Bytes::from(format!(
                                 "reviews-{version}"
                             ))));
