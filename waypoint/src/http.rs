@@ -551,7 +551,7 @@ fn apply_rewrite(
             None => Some(p.clone()),
         },
         Some(PathRewrite::FullPath(p)) => Some(p.clone()),
-        Some(PathRewrite::Regex(r)) => regex::Regex::new(&r.pattern).ok().map(|re| {
+        Some(PathRewrite::Regex(r)) => crate::matcher::UNANCHORED.get(&r.pattern).map(|re| {
             re.replace_all(path, r.substitution.replace("\\", "$").as_str())
                 .into_owned()
         }),

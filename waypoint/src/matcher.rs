@@ -1,9 +1,12 @@
 //! Request matching: `StringMatch`, `HttpMatch`, `TcpMatch` and L7 authorization evaluation
 //! (Istio semantics: DENY before ALLOW; no applicable ALLOW ⇒ allow).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
 
 use http::HeaderMap;
+use regex::{Regex, RegexBuilder};
 use zmesh_proto::l7::{self, string_match::MatchType};
 
 /// What a matcher can see about one request.
@@ -58,9 +61,71 @@ pub fn string_matches(m: &l7::StringMatch, v: &str) -> bool {
 
 fn regex_full_match(pattern: &str, v: &str) -> bool {
     // Anchored as in Istio. An invalid pattern (the controller validates them) matches nothing.
-    match regex::Regex::new(&format!("^(?:{pattern})$")) {
-        Ok(re) => re.is_match(v),
-        Err(_) => false,
+    ANCHORED.get(pattern).is_some_and(|re| re.is_match(v))
+}
+
+/// Compiled regexes by pattern. Route and policy regexes come from config and are evaluated
+/// per request: compiling one costs tens of microseconds, a lookup here a hash and a read
+/// lock. Bounded: when full it starts over (which also drops patterns of replaced configs).
+pub struct RegexCache {
+    /// Match whole values (`^(?:pattern)$`), as Istio's `regex` matchers do.
+    anchored: bool,
+    map: RwLock<HashMap<String, Option<Arc<Regex>>>>,
+}
+
+/// Most distinct patterns kept; far more than a real mesh's routes use.
+const REGEX_CACHE_MAX: usize = 4096;
+
+/// Full-value matchers (`StringMatch.regex`).
+static ANCHORED: LazyLock<RegexCache> = LazyLock::new(|| RegexCache::new(true));
+/// Search-and-replace patterns (`rewrite.uriRegexRewrite`).
+pub static UNANCHORED: LazyLock<RegexCache> = LazyLock::new(|| RegexCache::new(false));
+
+impl RegexCache {
+    fn new(anchored: bool) -> RegexCache {
+        RegexCache {
+            anchored,
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The compiled `pattern`, or None when it does not compile.
+    pub fn get(&self, pattern: &str) -> Option<Arc<Regex>> {
+        if let Some(hit) = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(pattern)
+        {
+            return hit.clone();
+        }
+        let full;
+        let source = if self.anchored {
+            full = format!("^(?:{pattern})$");
+            &full
+        } else {
+            pattern
+        };
+        // The controller's validation limit: a pattern it accepted compiles here too.
+        let compiled = RegexBuilder::new(source)
+            .size_limit(1 << 20)
+            .build()
+            .ok()
+            .map(Arc::new);
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= REGEX_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(pattern.to_string(), compiled.clone());
+        compiled
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
@@ -299,6 +364,30 @@ pub fn authorize<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regexes_compile_once_and_bad_ones_match_nothing() {
+        let cache = RegexCache::new(true);
+        let re = cache.get("/api/v[0-9]+").expect("compiles");
+        assert!(
+            re.is_match("/api/v2") && !re.is_match("/api/v2/x"),
+            "anchored"
+        );
+        let again = cache.get("/api/v[0-9]+").expect("cached");
+        assert!(Arc::ptr_eq(&re, &again), "compiled once");
+        assert!(cache.get("([unclosed").is_none());
+        assert!(
+            cache.get("([unclosed").is_none(),
+            "the failure is cached too"
+        );
+        assert_eq!(cache.len(), 2);
+        let raw = RegexCache::new(false);
+        assert!(raw.get("v[0-9]").expect("compiles").is_match("/api/v2/x"));
+        for i in 0..REGEX_CACHE_MAX + 10 {
+            raw.get(&format!("p{i}"));
+        }
+        assert!(raw.len() <= REGEX_CACHE_MAX, "bounded");
+    }
 
     fn sm(t: MatchType) -> l7::StringMatch {
         l7::StringMatch {

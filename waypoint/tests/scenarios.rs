@@ -218,6 +218,23 @@ async fn seeds_scenarios() {
     };
     assert_eq!(codes, vec![200, 200, 200, 429]);
 
+    // Regex matching and uriRegexRewrite (patterns compiled once, see matcher::RegexCache).
+    mesh.apply_l7(&vs(
+        "  http:\n  - match:\n    - uri: {regex: '/reviews/[0-9]+'}\n    rewrite:\n      uriRegexRewrite: {match: '^/reviews/([0-9]+)$', rewrite: '/ratings/\\1'}\n    route:\n    - destination: {host: reviews, subset: v1}\n  - route:\n    - destination: {host: reviews, subset: v2}\n",
+    ));
+    let mut c = Client::connect(&mesh).await;
+    for _ in 0..3 {
+        let r = c.get("/reviews/7", &[]).await.unwrap();
+        let seen = r.headers.get("x-seen-path").and_then(|v| v.to_str().ok());
+        assert_eq!((r.body.as_str(), seen), ("reviews-v1", Some("/ratings/7")));
+        let r = c.get("/reviews/seven", &[]).await.unwrap();
+        let seen = r.headers.get("x-seen-path").and_then(|v| v.to_str().ok());
+        assert_eq!(
+            (r.body.as_str(), seen),
+            ("reviews-v2", Some("/reviews/seven"))
+        );
+    }
+
     // Outlier detection: v2 starts failing; after 2 consecutive 5xx it is ejected (the first
     // ejection is always allowed, whatever 10 % of 3 hosts rounds to) and the rest of the
     // traffic goes to v1 and v3.

@@ -81,6 +81,7 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                                 .and_then(|v| v.to_str().ok())
                                 .and_then(|v| v.parse::<u64>().ok());
                             let rid = req.headers().get("x-request-id").cloned();
+                            let path = req.uri().path().to_string();
                             if let Some(ms) = sleep {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                             }
@@ -98,6 +99,9 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                                 "reviews-{version}"
                             ))));
                             r.headers_mut().insert("x-seen-host", host.parse().unwrap());
+                            if let Ok(p) = path.parse() {
+                                r.headers_mut().insert("x-seen-path", p);
+                            }
                             if let Some(id) = rid {
                                 r.headers_mut().insert("x-seen-request-id", id);
                             }
