@@ -66,6 +66,12 @@ pub enum AdminError {
 pub trait AdminHandler: Send + Sync + 'static {
     /// The proxy's current configuration and state for `/config_dump`.
     fn config_dump(&self) -> serde_json::Value;
+
+    /// Envoy-style `/stats` text (`cluster.<name>.<stat>: <value>` lines), for a proxy that
+    /// keeps such counters (the waypoint); `None`: `/stats` is 404.
+    fn stats(&self) -> Option<String> {
+        None
+    }
 }
 
 type Body = Full<Bytes>;
@@ -240,6 +246,7 @@ async fn serve_http<F>(
 const ADMIN_INDEX: &str = "zmesh admin endpoints:\n\
     GET  /                  this list\n\
     GET  /config_dump       current configuration and state (JSON)\n\
+    GET  /stats             Envoy-style cluster counters (waypoint)\n\
     GET  /logging           current log filter\n\
     POST /logging?level=F   set the log filter (RUST_LOG syntax, e.g. info,zmesh_core=debug)\n\
     POST /quitquitquit      shut the proxy down\n";
@@ -267,6 +274,18 @@ fn admin_route(
                 Err(e) => text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("cannot serialize config dump: {e}"),
+                ),
+            }
+        }
+        "/stats" => {
+            if !is_get(method) {
+                return method_not_allowed("GET");
+            }
+            match handler.stats() {
+                Some(body) => text(StatusCode::OK, body),
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "this proxy keeps no /stats counters\n",
                 ),
             }
         }
@@ -611,6 +630,11 @@ mod tests {
         let (addr, token, task) = start_admin(None).await;
         assert_eq!(
             request(addr, Method::GET, "/nope").await.status,
+            StatusCode::NOT_FOUND
+        );
+        // A proxy without Envoy-style counters (this handler's default) has no /stats.
+        assert_eq!(
+            request(addr, Method::GET, "/stats").await.status,
             StatusCode::NOT_FOUND
         );
         assert_eq!(

@@ -481,6 +481,39 @@ fn seeds_scenarios_through_the_waypoint() {
         "the UO 503s are counted in istio_requests_total",
         || uo_counted() - counted_before == two.1 + three.1,
     );
+    // ... and in Envoy's cluster stats, where `curl localhost:15000/stats | grep pending` finds
+    // them (A8 step 4), also scraped as envoy_cluster_*{cluster_name}.
+    let stats = c
+        .waypoint_get(WP, 15000, "/stats")
+        .expect("waypoint /stats")
+        .body;
+    let stat = |name: &str| -> usize {
+        stats
+            .lines()
+            .filter(|l| l.contains("httpbin.default.svc") && l.contains(&format!(".{name}: ")))
+            .filter_map(|l| l.rsplit(": ").next()?.parse::<usize>().ok())
+            .sum()
+    };
+    let overflow = stat("upstream_rq_pending_overflow");
+    assert!(overflow >= two.1 + three.1, "A8 stats: {stats}");
+    assert!(stat("upstream_rq_pending_total") >= overflow, "{stats}");
+    assert_eq!(stat("upstream_rq_pending_active"), 0, "{stats}");
+    let metrics = c
+        .waypoint_get(WP, 15020, "/metrics")
+        .expect("waypoint metrics")
+        .body;
+    let scraped = metric_value(
+        &metrics,
+        "envoy_cluster_upstream_rq_pending_overflow_total",
+        &[],
+    );
+    assert_eq!(scraped as usize, {
+        stats
+            .lines()
+            .filter(|l| l.contains(".upstream_rq_pending_overflow: "))
+            .filter_map(|l| l.rsplit(": ").next()?.parse::<usize>().ok())
+            .sum::<usize>()
+    });
 
     // A7 tcp-echo: 100 % v1, then 80/20 (one routing decision per connection).
     let tcp_vs = |route: &str| {

@@ -107,9 +107,14 @@ struct Dump {
     cfg: Config,
     addrs: BoundAddrs,
     xds: Option<Arc<XdsStatus>>,
+    inner: Arc<crate::Inner>,
 }
 
 impl AdminHandler for Dump {
+    fn stats(&self) -> Option<String> {
+        Some(self.inner.upstreams.stats_text())
+    }
+
     fn config_dump(&self) -> serde_json::Value {
         serde_json::json!({
             "proxy": "waypoint",
@@ -246,6 +251,7 @@ impl App {
                 cfg: cfg.waypoint.clone(),
                 addrs: addrs.clone(),
                 xds,
+                inner: waypoint.inner.clone(),
             });
             let (q, s) = (quit.clone(), servers.clone());
             tokio::spawn(async move {

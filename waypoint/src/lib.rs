@@ -186,6 +186,10 @@ impl Waypoint {
             drain: Drain::new(),
             stopped: CancellationToken::new(),
         });
+        let collector = stats::ClusterCollector(Arc::downgrade(&inner));
+        inner
+            .metrics
+            .with_registry(|r| r.register_collector(Box::new(collector)));
         let handler: Arc<dyn ConnectHandler> = Arc::new(Handler {
             inner: inner.clone(),
         });

@@ -1,14 +1,22 @@
 //! Istio's L7 metrics, reported by the waypoint (`reporter="waypoint"`):
 //! `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes`,
-//! `istio_response_bytes`.
+//! `istio_response_bytes`; and Envoy's per-cluster stats as `envoy_cluster_*{cluster_name}`
+//! ([`ClusterCollector`]).
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, Weak};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use zmesh_core::metrics::Metrics;
+
+use crate::Inner;
+use crate::upstream::StatKind;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Default)]
 pub struct RequestLabels {
@@ -102,5 +110,53 @@ impl L7Metrics {
         self.response_bytes
             .get_or_create(l)
             .observe(resp_bytes as f64);
+    }
+}
+
+/// Envoy's cluster stats at scrape time: `envoy_cluster_upstream_rq_pending_overflow_total`
+/// (OpenMetrics counters end in `_total`), `envoy_cluster_upstream_rq_pending_active`, …
+/// with label `cluster_name` (`outbound|9080|v1|reviews.default.svc.cluster.local`).
+/// Holds the upstreams weakly: the registry outlives a stopped waypoint.
+pub struct ClusterCollector(pub Weak<Inner>);
+
+impl fmt::Debug for ClusterCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterCollector")
+    }
+}
+
+impl Collector for ClusterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let Some(inner) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let mut clusters = inner.upstreams.clusters();
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        let rows: Vec<_> = clusters.iter().map(|c| (c, c.envoy_stats())).collect();
+        for (i, (stat, kind, _)) in rows[0].1.iter().enumerate() {
+            let base = format!("envoy_cluster_{}", stat.replace('.', "_"));
+            let name = base.strip_suffix("_total").unwrap_or(&base);
+            let help = format!("Envoy cluster stat {stat}");
+            let metric_type = match kind {
+                StatKind::Counter => ConstCounter::new(0u64).metric_type(),
+                StatKind::Gauge => ConstGauge::new(0i64).metric_type(),
+            };
+            let mut family = encoder.encode_descriptor(name, &help, None, metric_type)?;
+            for (c, stats) in &rows {
+                let labels = [("cluster_name", c.name.as_str())];
+                let sample = family.encode_family(&labels)?;
+                let v = stats[i].2;
+                match kind {
+                    StatKind::Counter => ConstCounter::new(v).encode(sample)?,
+                    StatKind::Gauge => {
+                        ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(sample)?
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -156,6 +156,13 @@ pub struct ClusterStats {
     pub ejections: AtomicU64,
 }
 
+/// Whether an Envoy stat only grows or goes up and down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatKind {
+    Counter,
+    Gauge,
+}
+
 /// The endpoints of one destination (service + subset + port + protocol).
 pub struct Cluster {
     pub name: String,
@@ -192,6 +199,52 @@ impl Cluster {
             idle: Mutex::new(HashMap::new()),
             stats: ClusterStats::default(),
         })
+    }
+
+    /// Envoy's per-cluster stats (the names of `/stats` and, prefixed `envoy_cluster_`, of
+    /// `/metrics`), read now: what operators grep for after a circuit-breaker test.
+    pub fn envoy_stats(&self) -> [(&'static str, StatKind, u64); 6] {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let ejected = self
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|e| e.ejected_until.is_some_and(|t| t > now))
+            .count() as u64;
+        [
+            (
+                "upstream_cx_total",
+                StatKind::Counter,
+                load(&self.stats.cx_total),
+            ),
+            (
+                "upstream_rq_pending_active",
+                StatKind::Gauge,
+                u64::from(self.pending.load(Ordering::Relaxed)),
+            ),
+            (
+                "upstream_rq_pending_overflow",
+                StatKind::Counter,
+                load(&self.stats.pending_overflow),
+            ),
+            (
+                "upstream_rq_pending_total",
+                StatKind::Counter,
+                load(&self.stats.pending_total),
+            ),
+            (
+                "outlier_detection.ejections_active",
+                StatKind::Gauge,
+                ejected,
+            ),
+            (
+                "outlier_detection.ejections_enforced_total",
+                StatKind::Counter,
+                load(&self.stats.ejections),
+            ),
+        ]
     }
 
     fn is_ejected(&self, uid: &str, now: Instant) -> bool {
@@ -476,6 +529,20 @@ impl Upstreams {
     }
 
     /// All clusters (for stats).
+    /// Envoy-style `/stats` text: `cluster.<name>.<stat>: <value>` per line, sorted, as
+    /// `pilot-agent request GET stats` shows them for Envoy.
+    pub fn stats_text(&self) -> String {
+        let mut clusters = self.clusters();
+        clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = String::new();
+        for c in clusters {
+            for (stat, _, v) in c.envoy_stats() {
+                out.push_str(&format!("cluster.{}.{stat}: {v}\n", c.name));
+            }
+        }
+        out
+    }
+
     pub fn clusters(&self) -> Vec<Arc<Cluster>> {
         self.clusters
             .lock()
