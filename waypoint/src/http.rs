@@ -691,10 +691,17 @@ async fn read_body(
     let mut prefix: VecDeque<Frame<Bytes>> = VecDeque::new();
     let mut len = 0usize;
     // Polled without a waker: a body that would wait is handed on, and whoever polls it next
-    // (the upstream connection) registers its own.
-    let mut cx = Context::from_waker(std::task::Waker::noop());
+    // (the upstream connection) registers its own. Once, a pending body gets a yield first:
+    // an HTTP/2 request's DATA usually arrived with its HEADERS but is decoded only in the
+    // connection task's next pass (this task runs first), and a unary call should stay
+    // replayable rather than be streamed for want of one scheduling turn.
+    let mut yielded = false;
     loop {
-        match Pin::new(&mut body).poll_frame(&mut cx) {
+        let polled = {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            Pin::new(&mut body).poll_frame(&mut cx)
+        };
+        match polled {
             Poll::Ready(None) => {
                 let mut all = bytes::BytesMut::with_capacity(len);
                 for f in prefix {
@@ -714,6 +721,10 @@ async fn read_body(
                 }
             }
             Poll::Ready(Some(Err(_))) => return Err((400, "bad request body", "DPE")),
+            Poll::Pending if !yielded => {
+                yielded = true;
+                tokio::task::yield_now().await;
+            }
             Poll::Pending => break,
         }
     }
