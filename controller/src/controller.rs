@@ -122,6 +122,12 @@ pub enum ControllerError {
     },
     #[error(transparent)]
     Ca(#[from] CaSetupError),
+    #[error(
+        "plaintext xDS must listen on a loopback address, not {0}: it serves the whole mesh \
+         configuration without TLS or authentication (remote proxies use the TLS port, 15012, \
+         with tokens); give a 127.0.0.1 or [::1] address, or \"off\""
+    )]
+    PlaintextNotLoopback(SocketAddr),
 }
 
 /// Where the controller's listeners bound.
@@ -249,6 +255,11 @@ impl TranslationLoop {
 impl Controller {
     /// Load, translate, then open the ports. Returns once everything is bound.
     pub async fn start(cfg: ControllerConfig) -> Result<Controller, ControllerError> {
+        if let Some(a) = cfg.xds_plaintext_addr
+            && !a.ip().to_canonical().is_loopback()
+        {
+            return Err(ControllerError::PlaintextNotLoopback(a));
+        }
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let store = cfg.store.clone().unwrap_or_default();

@@ -198,3 +198,26 @@ async fn ztunnels_fed_by_the_controller_become_ready_and_tunnel() {
     controller.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn plaintext_xds_refuses_a_non_loopback_address() {
+    init();
+    let dir = temp_dir("plaintext-remote");
+    let mut cfg = ControllerConfig::loopback(&dir);
+    cfg.xds_plaintext_addr = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let err = match Controller::start(cfg).await {
+        Ok(_) => panic!("plaintext xDS on 0.0.0.0 must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("loopback") && err.contains("0.0.0.0:0") && err.contains("15012"),
+        "{err}"
+    );
+    let mut cfg = ControllerConfig::loopback(&dir);
+    cfg.xds_plaintext_addr = Some(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)));
+    let ok = Controller::start(cfg).await;
+    // [::1] is loopback too (binding may fail only where IPv6 is disabled).
+    if let Err(e) = &ok {
+        assert!(!e.to_string().contains("must listen on a loopback"), "{e}");
+    }
+}

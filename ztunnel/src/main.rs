@@ -114,6 +114,10 @@ struct Args {
     /// request) writes every line at once.
     #[arg(long, env = "LOG_FLUSH_INTERVAL_MS", default_value_t = 0)]
     log_flush_interval_ms: u64,
+    /// Time live connections get to finish after SIGTERM, in seconds (keep it below the
+    /// pod's terminationGracePeriodSeconds).
+    #[arg(long, default_value_t = 5)]
+    drain_grace_secs: u64,
     /// Data-path worker threads (Istio's ZTUNNEL_WORKER_THREADS; default 2 as Istio's). Each
     /// worker is a single-threaded runtime with its own SO_REUSEPORT listeners on
     /// 15001/15006/15008/15080 and its own HBONE connection pool, so a connection and every
@@ -271,6 +275,7 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
         local_config: args.local_config.clone(),
         peer_hbone_ports: args.peer_hbone_ports.into_iter().collect(),
+        drain_grace: Duration::from_secs(args.drain_grace_secs),
         ..Config::default()
     };
     let zt = Ztunnel::start(cfg, source, provider, Some(logs)).await?;

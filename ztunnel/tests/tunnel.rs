@@ -271,3 +271,31 @@ async fn two_workers_both_serve_and_both_drain_on_shutdown() {
     );
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_finishing_within_the_drain_grace_completes() {
+    let mesh = Mesh::start_with("", |c| c.drain_grace = Duration::from_secs(10)).await;
+    let socks = mesh.a.addrs.socks5.unwrap();
+    let mut s = socks_connect(socks, ip(CLIENT_IP), mesh.echo)
+        .await
+        .unwrap();
+    roundtrip(&mut s, b"before").await.unwrap();
+    let Mesh { a, b, .. } = mesh;
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(async move { a.shutdown().await });
+    // Draining: no new connections...
+    eventually("the SOCKS5 listener closes when the drain starts", || {
+        std::net::TcpStream::connect(socks).is_err()
+    })
+    .await;
+    // ...but the live one still carries traffic, and when it ends the shutdown is done,
+    // well before the 10 s grace.
+    roundtrip(&mut s, b"during the drain").await.unwrap();
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(8), shutdown)
+        .await
+        .expect("shutdown finishes once the last connection is done")
+        .expect("join");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    b.shutdown().await;
+}
