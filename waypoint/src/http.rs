@@ -1039,6 +1039,14 @@ impl Done {
         let labels = RequestLabels {
             reporter: "waypoint".into(),
             source_workload: src.map(|w| w.workload_name.clone()).unwrap_or_else(unknown),
+            // Kiali and Istio's dashboards group by these (the app/version labels as ztunnel
+            // fills them: canonical name and revision).
+            source_canonical_service: src
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(unknown),
+            source_canonical_revision: src
+                .map(|w| w.canonical_revision.clone())
+                .unwrap_or_else(unknown),
             source_workload_namespace: ctx
                 .peer_identity
                 .as_ref()
@@ -1059,6 +1067,14 @@ impl Done {
             destination_workload: dst
                 .as_ref()
                 .map(|w| w.workload_name.clone())
+                .unwrap_or_else(unknown),
+            destination_canonical_service: dst
+                .as_ref()
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(unknown),
+            destination_canonical_revision: dst
+                .as_ref()
+                .map(|w| w.canonical_revision.clone())
                 .unwrap_or_else(unknown),
             destination_workload_namespace: dst
                 .as_ref()

@@ -411,9 +411,12 @@ async fn seeds_scenarios() {
             &[
                 ("response_code", "200"),
                 ("destination_version", "v1"),
+                ("destination_canonical_service", "reviews"),
+                ("destination_canonical_revision", "v1"),
                 ("reporter", "waypoint")
             ]
-        ) > 0.0
+        ) > 0.0,
+        "{text}"
     );
     assert!(text.contains("istio_request_duration_milliseconds_bucket"));
     assert!(text.contains("istio_response_bytes_bucket"));
