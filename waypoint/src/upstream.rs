@@ -248,6 +248,17 @@ impl Cluster {
         ]
     }
 
+    /// `connectionPool.tcp.connectTimeout` when set, else the waypoint's default.
+    fn connect_timeout(&self, default: Duration) -> Duration {
+        self.policy
+            .pool
+            .as_ref()
+            .and_then(|p| p.connect_timeout)
+            .and_then(|d| Duration::try_from(d).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(default)
+    }
+
     fn is_ejected(&self, uid: &str, now: Instant) -> bool {
         let h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
         h.get(uid)
@@ -652,7 +663,8 @@ impl Upstreams {
             authority: ep.addr.to_string(),
             headers: tunnel_headers,
         };
-        let stream = tokio::time::timeout(self.cfg.connect_timeout, self.pool().connect(&key, req))
+        let connect_timeout = cluster.connect_timeout(self.cfg.connect_timeout);
+        let stream = tokio::time::timeout(connect_timeout, self.pool().connect(&key, req))
             .await
             .map_err(|_| UpstreamError::Connect("HBONE connect timed out".into()))?
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -662,7 +674,7 @@ impl Upstreams {
         let sender = if h2 {
             let io = TokioIo::new(crate::coalesce::Coalesce::new(stream));
             let (s, conn) = tokio::time::timeout(
-                self.cfg.connect_timeout,
+                connect_timeout,
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io),
             )
             .await
@@ -883,6 +895,27 @@ mod tests {
         fail(&c, "b", 1, 3);
         // 1 of 3 healthy (33 %): panic mode, all hosts.
         assert_eq!(c.usable(&["a", "b", "c"], Instant::now()), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn connect_timeout_from_the_destination_rule_or_the_default() {
+        let default = Duration::from_secs(10);
+        let none = Cluster::new("a".into(), Policy::default());
+        assert_eq!(none.connect_timeout(default), default);
+        let set = Cluster::new(
+            "b".into(),
+            Policy {
+                pool: Some(l7::ConnectionPool {
+                    connect_timeout: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 250_000_000,
+                    }),
+                    ..Default::default()
+                }),
+                ..Policy::default()
+            },
+        );
+        assert_eq!(set.connect_timeout(default), Duration::from_millis(250));
     }
 
     #[test]
