@@ -260,6 +260,65 @@ async fn seeds_scenarios() {
         );
     }
 
+    // Retries on 5xx: round robin over v1, v2, v3 where v2 fails. Without retries exactly a
+    // third of the requests fail; with `retryOn: 5xx` each failure is retried on the next
+    // endpoint, so none does (and v2 still saw its share: the retries really happened).
+    let rr_vs = |retries: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews}}\n    retries: {retries}\n"
+        )
+    };
+    mesh.apply_l7(&rr_vs("{attempts: 0}"));
+    let mut c = Client::connect(&mesh).await;
+    let mut failed = 0;
+    for _ in 0..30 {
+        let r = c
+            .get("/reviews/0", &[("x-fail-version", "v2")])
+            .await
+            .unwrap();
+        if r.status == 503 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 10, "round robin without retries: v2's third fails");
+    mesh.apply_l7(&rr_vs("{attempts: 2, retryOn: 5xx}"));
+    mesh.seen["v2"].lock().unwrap().clear();
+    let mut c = Client::connect(&mesh).await;
+    for i in 0..30 {
+        let r = c
+            .get("/reviews/0", &[("x-fail-version", "v2")])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "request {i} retried past v2: {r:?}");
+        assert_ne!(r.body, "reviews-v2");
+    }
+    assert!(
+        mesh.seen["v2"].lock().unwrap().len() >= 9,
+        "v2 got its round-robin share before each retry"
+    );
+
+    // Redirect, direct response, response header operations.
+    mesh.apply_l7(&vs(
+        "  http:\n  - match:\n    - uri: {prefix: /old}\n    redirect: {uri: /reviews/1, redirectCode: 308}\n  - match:\n    - uri: {exact: /teapot}\n    directResponse: {status: 418, body: {string: short and stout}}\n  - route:\n    - destination: {host: reviews, subset: v1}\n    headers:\n      response:\n        set: {x-served-by: waypoint}\n        remove: [x-seen-host]\n",
+    ));
+    let mut c = Client::connect(&mesh).await;
+    let r = c.get("/old/page", &[]).await.unwrap();
+    assert_eq!(r.status, 308, "{r:?}");
+    let location = r.headers.get("location").and_then(|v| v.to_str().ok());
+    assert!(
+        location.is_some_and(|l| l.ends_with("/reviews/1")),
+        "{location:?}"
+    );
+    let r = c.get("/teapot", &[]).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (418, "short and stout"));
+    let r = c.get("/reviews/0", &[]).await.unwrap();
+    assert_eq!(r.body, "reviews-v1");
+    assert_eq!(
+        r.headers.get("x-served-by").and_then(|v| v.to_str().ok()),
+        Some("waypoint")
+    );
+    assert!(r.headers.get("x-seen-host").is_none(), "{:?}", r.headers);
+
     // Request bodies that do not fit the replay buffer, or are still arriving, are streamed:
     // a 5 MiB upload (4 MiB buffer) goes through, and a full-duplex exchange flows chunk by
     // chunk (gRPC streaming needs that), rather than waiting for the end of the body.
