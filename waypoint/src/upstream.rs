@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -27,8 +28,6 @@ use zmesh_core::identity::Identity;
 use zmesh_core::state::Workload;
 use zmesh_proto::l7;
 
-/// A request body sent upstream: complete (replayable) or still streaming in.
-pub type UpBody = http_body_util::combinators::BoxBody<Bytes, crate::http::BoxError>;
 /// Why an upstream request did not produce a response.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
@@ -127,8 +126,8 @@ struct EndpointHealth {
 }
 
 enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<UpBody>),
-    H2(hyper::client::conn::http2::SendRequest<UpBody>),
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Sender {
@@ -708,7 +707,7 @@ impl Upstreams {
         &self,
         cluster: &Arc<Cluster>,
         ep: &Endpoint,
-        mut req: Request<UpBody>,
+        mut req: Request<Full<Bytes>>,
         h2: bool,
         admitted: (Option<OwnedSemaphorePermit>, ActiveRqGuard),
         tunnel_headers: impl FnOnce() -> HeaderMap,
