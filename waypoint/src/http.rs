@@ -2,6 +2,11 @@
 //! fault → rate limit → destination (weights, subset) → endpoint (LB, outlier detection) →
 //! upstream with retries and timeouts; mirrors are fire-and-forget. Telemetry is recorded when
 //! the response body has been fully sent (or dropped).
+//!
+//! Request bodies: one that has fully arrived when the request is routed (or has a known
+//! length within the replay buffer) is kept, so retries and mirrors can replay it; one still
+//! arriving (gRPC streaming, a chunked upload) or larger than the buffer is streamed upstream
+//! as it comes, tried once and not mirrored — as Envoy does once its retry buffer overflows.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -17,6 +22,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::VecDeque;
 use tracing::debug;
 use zmesh_proto::l7;
 
@@ -24,7 +30,7 @@ use crate::coalesce::Coalesce;
 use crate::matcher::{self, AuthzDecision, RequestView};
 use crate::sniff::Detected;
 use crate::stats::RequestLabels;
-use crate::upstream::{Endpoint, Lease, Policy, UpstreamError};
+use crate::upstream::{Endpoint, Lease, Policy, UpBody, UpstreamError};
 use crate::{ConnCtx, Inner, UndefinedSubset, pick_weighted};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -103,6 +109,8 @@ struct Info {
     protocol: &'static str,
     request_id: String,
     req_bytes: u64,
+    /// Bytes of a streamed request body seen so far (added to `req_bytes` when reported).
+    req_streamed: Option<Arc<AtomicU64>>,
     service: String,
     dest: Option<Endpoint>,
     route: String,
@@ -182,6 +190,7 @@ async fn handle(
             .unwrap_or_default()
             .to_string(),
         req_bytes: 0,
+        req_streamed: None,
         service: ctx
             .service
             .as_ref()
@@ -190,31 +199,22 @@ async fn handle(
         dest: None,
         route: String::new(),
     };
-    // Bounded buffering: retries and mirrors replay the body.
-    let body = match tokio::time::timeout(
-        Duration::from_secs(30),
-        Limited::new(body, inner.cfg.max_request_body).collect(),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) => {
-            let too_big = e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            let (r, f) = if too_big {
-                local_reply(413, "payload too large", "-")
-            } else {
-                local_reply(400, "bad request body", "DPE")
-            };
-            return finish(&inner, &ctx, info, r, f, None);
-        }
-        Err(_) => {
-            let (r, f) = local_reply(408, "request body timeout", "-");
+    let known_len = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = match read_body(body, known_len, inner.cfg.max_request_body).await {
+        Ok(b) => b,
+        Err((status, msg, flag)) => {
+            let (r, f) = local_reply(status, msg, flag);
             return finish(&inner, &ctx, info, r, f, None);
         }
     };
-    info.req_bytes = body.len() as u64;
+    match &body {
+        ReqBody::Full(b) => info.req_bytes = b.len() as u64,
+        ReqBody::Streaming(s) => info.req_streamed = Some(s.seen.clone()),
+    }
     let (resp, flags, lease) = route_request(&inner, &ctx, &mut info, parts, body).await;
     finish(&inner, &ctx, info, resp, flags, lease)
 }
@@ -224,7 +224,7 @@ async fn route_request(
     ctx: &Arc<ConnCtx>,
     info: &mut Info,
     mut parts: http::request::Parts,
-    body: Bytes,
+    body: ReqBody,
 ) -> (Response<RespBody>, &'static str, Option<Lease>) {
     let l7cfg = inner.l7.load();
     let svc_cfg = ctx.service.as_ref().and_then(|s| inner.service_config(s));
@@ -382,6 +382,7 @@ async fn route_request(
         };
         if let Some(md) = &m.destination
             && roll(pct)
+            && let ReqBody::Full(body) = &body
         {
             let (inner, ctx, md) = (inner.clone(), ctx.clone(), md.clone());
             let mut mparts = clone_parts(&parts);
@@ -393,7 +394,7 @@ async fn route_request(
             if let Ok(v) = HeaderValue::from_str(&shadow) {
                 mparts.headers.insert(HOST, v);
             }
-            let body = body.clone();
+            let body = full_body(body.clone());
             tokio::spawn(async move {
                 let f = forward_once(&inner, &ctx, &md, mparts, body, None, &shadow);
                 // The response is read to its end and discarded, as Envoy does, before the
@@ -653,16 +654,162 @@ fn retriable_error(p: &l7::RetryPolicy, e: &UpstreamError) -> bool {
 
 type Upstream = (Response<Incoming>, Lease);
 
+/// A request body as the waypoint forwards it.
+enum ReqBody {
+    /// Complete and at most `max_request_body`: replayed for retries and mirrors.
+    Full(Bytes),
+    /// Still arriving when the request was routed (a stream: gRPC streaming, a chunked
+    /// upload), or larger than the replay buffer: forwarded as it arrives, once.
+    Streaming(Streamed),
+}
+
+fn full_body(b: Bytes) -> UpBody {
+    Full::new(b).map_err(|e| match e {}).boxed()
+}
+
+/// Read as much of the request body as retries and mirrors need, without making a stream
+/// wait: a body with a known length that fits the replay buffer is read to its end (bounded
+/// in time), as is one that has fully arrived already (a unary gRPC call, a small POST);
+/// anything that would wait for the client, or outgrow the buffer, is streamed.
+async fn read_body(
+    mut body: Incoming,
+    known_len: Option<u64>,
+    max: usize,
+) -> Result<ReqBody, (u16, &'static str, &'static str)> {
+    if known_len.is_some_and(|n| n <= max as u64) {
+        return match tokio::time::timeout(
+            Duration::from_secs(30),
+            Limited::new(body, max).collect(),
+        )
+        .await
+        {
+            Ok(Ok(b)) => Ok(ReqBody::Full(b.to_bytes())),
+            Ok(Err(_)) => Err((400, "bad request body", "DPE")),
+            Err(_) => Err((408, "request body timeout", "-")),
+        };
+    }
+    let mut prefix: VecDeque<Frame<Bytes>> = VecDeque::new();
+    let mut len = 0usize;
+    // Polled without a waker: a body that would wait is handed on, and whoever polls it next
+    // (the upstream connection) registers its own. Once, a pending body gets a yield first:
+    // an HTTP/2 request's DATA usually arrived with its HEADERS but is decoded only in the
+    // connection task's next pass (this task runs first), and a unary call should stay
+    // replayable rather than be streamed for want of one scheduling turn.
+    let mut yielded = false;
+    loop {
+        let polled = {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            Pin::new(&mut body).poll_frame(&mut cx)
+        };
+        match polled {
+            Poll::Ready(None) => {
+                let mut all = bytes::BytesMut::with_capacity(len);
+                for f in prefix {
+                    if let Ok(d) = f.into_data() {
+                        all.extend_from_slice(&d);
+                    }
+                }
+                return Ok(ReqBody::Full(all.freeze()));
+            }
+            Poll::Ready(Some(Ok(f))) => {
+                let is_data = f.is_data();
+                len += f.data_ref().map_or(0, |d| d.len());
+                prefix.push_back(f);
+                // Trailers end the body; only a stream keeps them.
+                if len > max || !is_data {
+                    break;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => return Err((400, "bad request body", "DPE")),
+            Poll::Pending if !yielded => {
+                yielded = true;
+                tokio::task::yield_now().await;
+            }
+            Poll::Pending => break,
+        }
+    }
+    let seen = Arc::new(AtomicU64::new(len as u64));
+    Ok(ReqBody::Streaming(Streamed {
+        prefix,
+        rest: body,
+        seen,
+    }))
+}
+
+/// A request body being streamed upstream: the frames read while deciding, then the rest.
+struct Streamed {
+    prefix: VecDeque<Frame<Bytes>>,
+    rest: Incoming,
+    /// Body bytes so far, for `istio_request_bytes` and the access log.
+    seen: Arc<AtomicU64>,
+}
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(f) = this.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        match Pin::new(&mut this.rest).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.seen.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let queued: u64 = self
+            .prefix
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let rest = self.rest.size_hint();
+        let mut h = SizeHint::new();
+        h.set_lower(rest.lower() + queued);
+        if let Some(u) = rest.upper() {
+            h.set_upper(u + queued);
+        }
+        h
+    }
+}
+
 async fn forward_with_retries(
     inner: &Arc<Inner>,
     ctx: &Arc<ConnCtx>,
     dest: &l7::RouteDestination,
     retries: Option<&l7::RetryPolicy>,
     parts: http::request::Parts,
-    body: Bytes,
+    body: ReqBody,
     info: &mut Info,
 ) -> Result<Upstream, UpstreamError> {
-    let attempts = retries.map(|r| r.attempts).unwrap_or(0);
+    // A streamed body goes out once: nothing is kept to replay (as Envoy once its retry buffer
+    // overflows), so a failed try is the answer.
+    let (replay, mut stream) = match body {
+        ReqBody::Full(b) => (Some(b), None),
+        ReqBody::Streaming(s) => (None, Some(s)),
+    };
+    let attempts = if replay.is_some() {
+        retries.map(|r| r.attempts).unwrap_or(0)
+    } else {
+        0
+    };
     let per_try = retries
         .and_then(|r| r.per_try_timeout)
         .and_then(|d| Duration::try_from(d).ok())
@@ -674,12 +821,18 @@ async fn forward_with_retries(
     let authority = info.authority.clone();
     let mut n = 0;
     loop {
+        let body = match (&replay, stream.take()) {
+            (Some(b), _) => full_body(b.clone()),
+            (None, Some(s)) => s.boxed(),
+            // Unreachable: a streamed body allows no second try.
+            (None, None) => return Err(UpstreamError::Reset("request body already sent".into())),
+        };
         let f = forward_once(
             inner,
             ctx,
             dest,
             clone_parts(&parts),
-            body.clone(),
+            body,
             Some(info),
             &authority,
         );
@@ -711,7 +864,7 @@ async fn forward_once(
     ctx: &Arc<ConnCtx>,
     dest: &l7::RouteDestination,
     mut parts: http::request::Parts,
-    body: Bytes,
+    body: UpBody,
     info: Option<&mut Info>,
     authority: &str,
 ) -> Result<Upstream, UpstreamError> {
@@ -810,7 +963,7 @@ async fn forward_once(
             parts.headers.insert(HOST, v);
         }
     }
-    let req = Request::from_parts(parts, Full::new(body));
+    let req = Request::from_parts(parts, body);
     // Built only when a new upstream tunnel is opened (a reused connection needs none).
     let th = || tunnel_headers(ctx, &dest.host);
     let r = inner
@@ -961,9 +1114,14 @@ impl Done {
             connection_security_policy: "mutual_tls".into(),
         };
         let ms = info.started.elapsed().as_secs_f64() * 1000.0;
+        let req_bytes = info.req_bytes
+            + info
+                .req_streamed
+                .as_ref()
+                .map_or(0, |n| n.load(Ordering::Relaxed));
         waypoint
             .l7_metrics
-            .record(&labels, ms, info.req_bytes, resp_bytes);
+            .record(&labels, ms, req_bytes, resp_bytes);
         tracing::info!(
             target: "access",
             direction = "waypoint",
@@ -980,7 +1138,7 @@ impl Done {
             dst_service = %labels.destination_service,
             dst_workload = %labels.destination_workload,
             upstream = info.dest.as_ref().map(|e| e.addr.to_string()).unwrap_or_default(),
-            bytes_sent = info.req_bytes,
+            bytes_sent = req_bytes,
             bytes_recv = resp_bytes,
             duration_ms = ms as u64,
             "request complete"

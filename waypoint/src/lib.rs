@@ -75,7 +75,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Protocol sniffing gives up (→ TCP) after this long without a decision.
     pub sniff_timeout: Duration,
-    /// Largest request body buffered (bodies are buffered so retries and mirrors can replay).
+    /// Replay buffer: a request body up to this size that has arrived when the request is
+    /// routed is kept so retries and mirrors can replay it; a larger or still-arriving body
+    /// (a stream) is forwarded as it comes, without retries or mirror.
     pub max_request_body: usize,
     /// Largest request header block (HTTP/1 read buffer, HTTP/2 header list).
     pub max_header_bytes: usize,

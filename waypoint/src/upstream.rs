@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -28,6 +27,8 @@ use zmesh_core::identity::Identity;
 use zmesh_core::state::Workload;
 use zmesh_proto::l7;
 
+/// A request body sent upstream: complete (replayable) or still streaming in.
+pub type UpBody = http_body_util::combinators::BoxBody<Bytes, crate::http::BoxError>;
 /// Why an upstream request did not produce a response.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
@@ -126,8 +127,8 @@ struct EndpointHealth {
 }
 
 enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    H1(hyper::client::conn::http1::SendRequest<UpBody>),
+    H2(hyper::client::conn::http2::SendRequest<UpBody>),
 }
 
 impl Sender {
@@ -707,7 +708,7 @@ impl Upstreams {
         &self,
         cluster: &Arc<Cluster>,
         ep: &Endpoint,
-        mut req: Request<Full<Bytes>>,
+        mut req: Request<UpBody>,
         h2: bool,
         admitted: (Option<OwnedSemaphorePermit>, ActiveRqGuard),
         tunnel_headers: impl FnOnce() -> HeaderMap,

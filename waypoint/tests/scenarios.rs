@@ -6,7 +6,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DR_ALL: &str = r#"
@@ -26,6 +29,28 @@ fn vs(spec: &str) -> String {
     format!(
         "{DR_ALL}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n{spec}"
     )
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An HTTP/1.1 connection to reviews through ztunnel A's SOCKS5 port (and the waypoint),
+/// sending any body.
+async fn raw_h1(
+    mesh: &Mesh,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::combinators::BoxBody<Bytes, BoxError>>
+{
+    let s = socks_connect(
+        mesh.socks(),
+        ip(CLIENT_IP),
+        SocketAddr::new(ip(REVIEWS_VIP), 9080),
+    )
+    .await
+    .expect("socks connect");
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    send
 }
 
 async fn count_versions(
@@ -293,6 +318,63 @@ async fn seeds_scenarios() {
         Some("waypoint")
     );
     assert!(r.headers.get("x-seen-host").is_none(), "{:?}", r.headers);
+
+    // Request bodies that do not fit the replay buffer, or are still arriving, are streamed:
+    // a 5 MiB upload (4 MiB buffer) goes through, and a full-duplex exchange flows chunk by
+    // chunk (gRPC streaming needs that), rather than waiting for the end of the body.
+    mesh.apply_l7(&vs(
+        "  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n",
+    ));
+    let mut send = raw_h1(&mesh).await;
+    let big = Bytes::from(vec![b'x'; 5 << 20]);
+    let req = hyper::Request::post("/upload")
+        .header("host", "reviews")
+        .body(
+            http_body_util::Full::new(big)
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
+        .await
+        .expect("upload answered in time")
+        .expect("upload response");
+    assert_eq!(r.status(), 200);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "received 5242880");
+    let mut send = raw_h1(&mesh).await;
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let req = hyper::Request::post("/echo")
+        .header("host", "reviews")
+        .body(http_body_util::StreamBody::new(rx).boxed())
+        .unwrap();
+    tx.try_send(Ok(Frame::data(Bytes::from("ping-1")))).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("the response starts while the request body is still open")
+        .expect("echo response");
+    assert_eq!(r.status(), 200);
+    let mut echoed = r.into_body();
+    for i in 1..=3 {
+        let got = tokio::time::timeout(Duration::from_secs(10), echoed.frame())
+            .await
+            .unwrap_or_else(|_| panic!("chunk {i} was not echoed while the body is open"))
+            .expect("a frame")
+            .expect("no error")
+            .into_data()
+            .expect("data");
+        assert_eq!(got, format!("ping-{i}"));
+        if i < 3 {
+            tx.try_send(Ok(Frame::data(Bytes::from(format!("ping-{}", i + 1)))))
+                .unwrap();
+        }
+    }
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(10), echoed.collect())
+        .await
+        .expect("the echo ends with the request body")
+        .expect("clean end");
+    assert!(rest.to_bytes().is_empty());
 
     // Outlier detection: v2 starts failing; after 2 consecutive 5xx it is ejected (the first
     // ejection is always allowed, whatever 10 % of 3 hosts rounds to) and the rest of the

@@ -75,6 +75,22 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                                 .unwrap_or("")
                                 .to_string();
                             seen.lock().unwrap().push(host.clone());
+                            // `/upload`: read the whole body, answer its size. `/echo`: stream
+                            // the body back as it arrives (full duplex).
+                            if req.uri().path() == "/upload" {
+                                let n = match req.into_body().collect().await {
+                                    Ok(b) => b.to_bytes().len(),
+                                    Err(_) => 0,
+                                };
+                                return Ok::<_, Infallible>(hyper::Response::new(
+                                    Full::new(Bytes::from(format!("received {n}")))
+                                        .map_err(|e| match e {})
+                                        .boxed(),
+                                ));
+                            }
+                            if req.uri().path() == "/echo" {
+                                return Ok(hyper::Response::new(req.into_body().boxed()));
+                            }
                             let sleep = req
                                 .headers()
                                 .get("x-sleep-ms")
@@ -91,13 +107,19 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                                 .get("x-fail-version")
                                 .is_some_and(|v| v == version)
                             {
-                                let mut r = hyper::Response::new(Full::new(Bytes::from("failing")));
+                                let mut r = hyper::Response::new(
+                                    Full::new(Bytes::from("failing"))
+                                        .map_err(|e| match e {})
+                                        .boxed(),
+                                );
                                 *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                                return Ok::<_, Infallible>(r);
+                                return Ok(r);
                             }
-                            let mut r = hyper::Response::new(Full::new(Bytes::from(format!(
-                                "reviews-{version}"
-                            ))));
+                            let mut r = hyper::Response::new(
+                                Full::new(Bytes::from(format!("reviews-{version}")))
+                                    .map_err(|e| match e {})
+                                    .boxed(),
+                            );
                             r.headers_mut().insert("x-seen-host", host.parse().unwrap());
                             if let Ok(p) = path.parse() {
                                 r.headers_mut().insert("x-seen-path", p);
@@ -105,7 +127,7 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                             if let Some(id) = rid {
                                 r.headers_mut().insert("x-seen-request-id", id);
                             }
-                            Ok::<_, Infallible>(r)
+                            Ok(r)
                         }
                     },
                 );
