@@ -12,6 +12,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::identity::Identity;
+use crate::state::{Service, Workload};
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
@@ -29,6 +32,8 @@ pub enum Reporter {
     Source,
     /// The proxy on the server side (inbound).
     Destination,
+    /// A waypoint between the two.
+    Waypoint,
 }
 
 impl Reporter {
@@ -37,6 +42,7 @@ impl Reporter {
         match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
         }
     }
 }
@@ -230,6 +236,62 @@ impl EncodeLabelSet for TcpLabels {
         )
             .encode(encoder.encode_label())?;
         Ok(())
+    }
+}
+
+/// The canonical service name Istio reports: the canonical name label, else the workload name.
+pub fn canonical(w: &Workload) -> &str {
+    if w.canonical_name.is_empty() {
+        &w.workload_name
+    } else {
+        &w.canonical_name
+    }
+}
+
+/// Istio's TCP metric labels for one connection. Unknown values stay empty; the metrics
+/// encoder renders them as `unknown`, as Istio does.
+pub fn traffic_labels(
+    reporter: Reporter,
+    src: Option<&Workload>,
+    src_identity: Option<&Identity>,
+    dst: Option<&Workload>,
+    service: Option<&Service>,
+    security: SecurityPolicy,
+) -> TcpLabels {
+    let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| w.map(f).unwrap_or("").to_string();
+    // The source reporter presents the source's own certificate, so its identity is known; a
+    // destination only knows what the peer proved (plaintext has no principal, whatever the
+    // source address says).
+    let src_principal = src_identity
+        .map(|i| i.to_string())
+        .or_else(|| {
+            (reporter == Reporter::Source)
+                .then(|| src.map(|w| w.identity().to_string()))
+                .flatten()
+        })
+        .unwrap_or_default();
+    TcpLabels {
+        source_workload: field(src, |w| &w.workload_name),
+        source_canonical_service: field(src, canonical),
+        source_canonical_revision: field(src, |w| &w.canonical_revision),
+        source_workload_namespace: field(src, |w| &w.namespace),
+        source_principal: src_principal,
+        source_app: field(src, canonical),
+        source_version: field(src, |w| &w.canonical_revision),
+        source_cluster: field(src, |w| &w.cluster_id),
+        destination_service: service.map(|s| s.hostname.clone()).unwrap_or_default(),
+        destination_service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_default(),
+        destination_service_name: service.map(|s| s.name.clone()).unwrap_or_default(),
+        destination_workload: field(dst, |w| &w.workload_name),
+        destination_canonical_service: field(dst, canonical),
+        destination_canonical_revision: field(dst, |w| &w.canonical_revision),
+        destination_workload_namespace: field(dst, |w| &w.namespace),
+        destination_principal: dst.map(|w| w.identity().to_string()).unwrap_or_default(),
+        destination_app: field(dst, canonical),
+        destination_version: field(dst, |w| &w.canonical_revision),
+        destination_cluster: field(dst, |w| &w.cluster_id),
+        connection_security_policy: security,
+        ..TcpLabels::new(reporter)
     }
 }
 

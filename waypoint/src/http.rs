@@ -30,7 +30,7 @@ use crate::coalesce::Coalesce;
 use crate::matcher::{self, AuthzDecision, RequestView};
 use crate::sniff::Detected;
 use crate::stats::RequestLabels;
-use crate::upstream::{Endpoint, Lease, Policy, UpBody, UpstreamError};
+use crate::upstream::{Cluster, Endpoint, Lease, Policy, RetrySlot, UpBody, UpstreamError};
 use crate::{ConnCtx, Inner, UndefinedSubset, pick_weighted};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -113,6 +113,10 @@ struct Info {
     req_streamed: Option<Arc<AtomicU64>>,
     service: String,
     dest: Option<Endpoint>,
+    /// The cluster of the last try (for the retry circuit breaker).
+    cluster: Option<Arc<Cluster>>,
+    /// Set when the response is the last of exhausted retries: Envoy's `URX`.
+    retries_exhausted: bool,
     route: String,
 }
 
@@ -197,6 +201,8 @@ async fn handle(
             .map(|s| s.hostname.clone())
             .unwrap_or_default(),
         dest: None,
+        cluster: None,
+        retries_exhausted: false,
         route: String::new(),
     };
     let known_len = parts
@@ -440,7 +446,8 @@ async fn route_request(
             apply_header_ops(&mut rp.headers, dest.response_headers.as_ref());
             apply_header_ops(&mut rp.headers, route.response_headers.as_ref());
             let body = rb.map_err(|e| Box::new(e) as BoxError).boxed();
-            (Response::from_parts(rp, body), "-", Some(lease))
+            let flags = if info.retries_exhausted { "URX" } else { "-" };
+            (Response::from_parts(rp, body), flags, Some(lease))
         }
         Err(e) => {
             let (r, f) = local_reply(e.status(), &e.to_string(), e.flag());
@@ -820,6 +827,8 @@ async fn forward_with_retries(
         .unwrap_or(Duration::from_millis(25));
     let authority = info.authority.clone();
     let mut n = 0;
+    // Held for the duration of a retry (`connectionPool.http.maxRetries`).
+    let mut _retry_slot: Option<RetrySlot> = None;
     loop {
         let body = match (&replay, stream.take()) {
             (Some(b), _) => full_body(b.clone()),
@@ -847,8 +856,22 @@ async fn forward_with_retries(
             (Ok((resp, _)), Some(p)) => retriable_status(p, resp.status().as_u16()),
             (Err(e), Some(p)) => retriable_error(p, e),
         };
-        if !retry || n >= attempts {
+        if !retry {
             return r;
+        }
+        if n >= attempts {
+            info.retries_exhausted = attempts > 0;
+            return r;
+        }
+        // Envoy's retry circuit breaker: with `maxRetries` retries already in flight in the
+        // destination, the last response (or error) is the answer.
+        if let Some(c) = &info.cluster {
+            // This request's previous retry is over: its slot must not count against itself.
+            _retry_slot = None;
+            match c.retry_slot() {
+                Some(slot) => _retry_slot = Some(slot),
+                None => return r,
+            }
         }
         n += 1;
         drop(r);
@@ -941,6 +964,7 @@ async fn forward_once(
     if let Some(i) = info {
         i.dest = Some(ep.clone());
         i.service = dest.host.clone();
+        i.cluster = Some(cluster.clone());
     }
     // Upstream request form: origin-form + Host for HTTP/1, absolute for HTTP/2.
     let pq = parts

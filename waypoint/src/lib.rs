@@ -38,7 +38,9 @@ use zmesh_core::hbone::server::{
     self, ConnectHandler, InboundRequest, Responder, ServerConn, Target,
 };
 use zmesh_core::identity::Identity;
-use zmesh_core::metrics::Metrics;
+use zmesh_core::metrics::{
+    ConnectionRecorder, Metrics, Reporter, ResponseFlags, SecurityPolicy, TcpLabels, traffic_labels,
+};
 use zmesh_core::socket::{self, SocketError};
 use zmesh_core::state::{AppProtocol, Service, StateStore, Workload};
 use zmesh_core::worker::{self, WorkerError, WorkerThread};
@@ -188,6 +190,25 @@ impl Waypoint {
             drain: Drain::new(),
             stopped: CancellationToken::new(),
         });
+        // `connectionPool.http.idleTimeout`: a sweep closes upstream connections left idle
+        // too long (checking only on reuse would keep unused ones open for ever).
+        let sweep = Arc::downgrade(&inner);
+        let stopped = inner.stopped.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_SWEEP_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.cancelled() => return,
+                }
+                let Some(inner) = sweep.upgrade() else { return };
+                let n = inner.upstreams.close_idle();
+                if n > 0 {
+                    debug!(connections = n, "closed idle upstream connections");
+                }
+            }
+        });
         let collector = stats::ClusterCollector(Arc::downgrade(&inner));
         inner
             .metrics
@@ -274,6 +295,10 @@ async fn start_worker(
     .await?;
     Ok(thread)
 }
+
+/// How often idle upstream connections are checked against their idle timeout: the
+/// granularity of `connectionPool.http.idleTimeout`.
+const IDLE_SWEEP_PERIOD: Duration = Duration::from_millis(250);
 
 /// Per-tunnel context: what the CONNECT was for and who sent it.
 pub struct ConnCtx {
@@ -466,6 +491,8 @@ pub fn pick_weighted(ds: &[l7::RouteDestination]) -> Option<&l7::RouteDestinatio
 }
 
 /// Opaque TCP: one routing decision per connection (TcpRoutes, weights), then a byte relay.
+/// Counted in `istio_tcp_*` with `reporter="waypoint"`, as Envoy's waypoint does; a
+/// connection that finds no upstream is counted as opened, failed and closed.
 async fn tcp_proxy<S>(inner: Arc<Inner>, ctx: Arc<ConnCtx>, mut io: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -481,9 +508,14 @@ where
                     Target::Host(..) => return,
                 },
             };
-            relay_tcp(&inner, &ctx, &mut io, ep, "-", started).await;
+            relay_tcp(&inner, &ctx, &mut io, ep, None, started).await;
         }
         return;
+    };
+    let no_upstream = |why: &str| {
+        warn!(service = %svc.hostname, "{why}");
+        let r = ConnectionRecorder::new(inner.metrics.clone(), tcp_labels(&ctx, None, Some(&svc)));
+        r.fail(ResponseFlags::Connect);
     };
     let cfg = inner.service_config(&svc);
     let dst_ip = match &ctx.target {
@@ -512,7 +544,7 @@ where
         None => Some(default_dest),
     };
     let Some(dest) = dest else {
-        warn!(service = %svc.hostname, "TCP route has no destination with weight");
+        no_upstream("TCP route has no destination with weight");
         return;
     };
     let port = if dest.port == 0 {
@@ -520,13 +552,16 @@ where
     } else {
         dest.port as u16
     };
-    let dcfg = if dest.host == svc.hostname {
-        cfg.clone()
+    let (dcfg, dsvc) = if dest.host == svc.hostname {
+        (cfg.clone(), Some(svc.clone()))
     } else {
-        inner.l7.load().service(&dest.host)
+        (
+            inner.l7.load().service(&dest.host),
+            inner.state.read().service_by_host(&dest.host),
+        )
     };
     let Ok((_, eps)) = inner.endpoints(&dest.host, &dest.subset, port, dcfg.as_deref()) else {
-        warn!(service = %svc.hostname, subset = %dest.subset, "TCP route to an undefined subset");
+        no_upstream("TCP route to an undefined subset");
         return;
     };
     let policy = Policy::resolve(dcfg.as_deref(), &dest.subset, port);
@@ -535,10 +570,22 @@ where
         policy,
     );
     let Some(ep) = cluster.pick(&eps, Some(&ctx.client_addr.ip().to_string())) else {
-        warn!(service = %svc.hostname, "no healthy upstream for TCP connection");
+        no_upstream("no healthy upstream for TCP connection");
         return;
     };
-    relay_tcp(&inner, &ctx, &mut io, ep, &dest.host, started).await;
+    relay_tcp(&inner, &ctx, &mut io, ep, dsvc.as_deref(), started).await;
+}
+
+/// `istio_tcp_*` labels of a connection through the waypoint.
+fn tcp_labels(ctx: &ConnCtx, dst: Option<&Workload>, svc: Option<&Service>) -> TcpLabels {
+    traffic_labels(
+        Reporter::Waypoint,
+        ctx.src_workload.as_deref(),
+        ctx.peer_identity.as_ref(),
+        dst,
+        svc,
+        SecurityPolicy::MutualTls,
+    )
 }
 
 async fn relay_tcp<S>(
@@ -546,11 +593,16 @@ async fn relay_tcp<S>(
     ctx: &ConnCtx,
     io: &mut S,
     ep: Endpoint,
-    service: &str,
+    svc: Option<&Service>,
     started: Instant,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
+    let service = svc.map_or("-", |s| s.hostname.as_str());
+    let recorder = ConnectionRecorder::new(
+        inner.metrics.clone(),
+        tcp_labels(ctx, Some(&ep.workload), svc),
+    );
     let mut up = match inner
         .upstreams
         .tcp_tunnel(&ep, http::tunnel_headers(ctx, service))
@@ -559,6 +611,7 @@ async fn relay_tcp<S>(
         Ok(s) => s,
         Err(e) => {
             warn!(endpoint = %ep.addr, "TCP upstream failed: {e}");
+            recorder.fail(ResponseFlags::Connect);
             return;
         }
     };
@@ -571,6 +624,13 @@ async fn relay_tcp<S>(
         Ok((a, b)) => (a, b, None),
         Err(e) => (0, 0, Some(e.to_string())),
     };
+    // From the waypoint's point of view: received from the client, sent back to it.
+    recorder.add_received(sent);
+    recorder.add_sent(recv);
+    if err.is_some() {
+        recorder.fail(ResponseFlags::Connect);
+    }
+    drop(recorder);
     tracing::info!(
         target: "access",
         direction = "waypoint",

@@ -122,9 +122,15 @@ struct EndpointHealth {
     consecutive_5xx: u32,
     consecutive_gateway: u32,
     ejected_until: Option<Instant>,
+    /// Envoy's ejection multiplier: +1 per ejection, −1 per `interval` spent healthy since
+    /// `ejected_until` (applied lazily when the host is ejected again).
     times_ejected: u32,
     active: u32,
 }
+
+/// Envoy's `max_ejection_time` default (Istio does not expose it): an ejection never lasts
+/// longer than this, however often the host was ejected (unless the base time is longer).
+const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
 
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<UpBody>),
@@ -144,6 +150,8 @@ impl Sender {
 struct UpConn {
     sender: Sender,
     uses: u32,
+    /// When it was put on the idle list (for `connectionPool.http.idleTimeout`).
+    idle_since: Instant,
     /// Cancelled when the connection task has finished (the connection is closed).
     closed: CancellationToken,
 }
@@ -155,6 +163,10 @@ pub struct ClusterStats {
     pub pending_total: AtomicU64,
     pub cx_total: AtomicU64,
     pub ejections: AtomicU64,
+    /// Idle upstream connections closed by `idleTimeout`.
+    pub cx_idle_timeout: AtomicU64,
+    /// Retries not attempted because `maxRetries` were already in flight.
+    pub retry_overflow: AtomicU64,
 }
 
 /// Whether an Envoy stat only grows or goes up and down.
@@ -171,7 +183,12 @@ pub struct Cluster {
     conn_slots: Option<Arc<Semaphore>>,
     pending: AtomicU32,
     active_rq: AtomicU32,
+    /// Retries in flight (Envoy's `max_retries` circuit breaker).
+    active_retries: AtomicU32,
     rr: AtomicUsize,
+    /// Origin of the outlier-detection interval ticks (Envoy's interval timer starts with the
+    /// cluster): ejections end, and ejection multipliers decay, only on a tick.
+    epoch: Instant,
     health: Mutex<HashMap<String, EndpointHealth>>,
     /// Idle connections per (worker, endpoint): a connection's task runs on the worker that
     /// opened it, so a request reuses only its own worker's connections and never hops threads.
@@ -195,7 +212,9 @@ impl Cluster {
             policy,
             pending: AtomicU32::new(0),
             active_rq: AtomicU32::new(0),
+            active_retries: AtomicU32::new(0),
             rr: AtomicUsize::new(0),
+            epoch: Instant::now(),
             health: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
             stats: ClusterStats::default(),
@@ -204,7 +223,7 @@ impl Cluster {
 
     /// Envoy's per-cluster stats (the names of `/stats` and, prefixed `envoy_cluster_`, of
     /// `/metrics`), read now: what operators grep for after a circuit-breaker test.
-    pub fn envoy_stats(&self) -> [(&'static str, StatKind, u64); 6] {
+    pub fn envoy_stats(&self) -> [(&'static str, StatKind, u64); 8] {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let now = Instant::now();
         let ejected = self
@@ -215,6 +234,11 @@ impl Cluster {
             .filter(|e| e.ejected_until.is_some_and(|t| t > now))
             .count() as u64;
         [
+            (
+                "upstream_cx_idle_timeout",
+                StatKind::Counter,
+                load(&self.stats.cx_idle_timeout),
+            ),
             (
                 "upstream_cx_total",
                 StatKind::Counter,
@@ -236,6 +260,11 @@ impl Cluster {
                 load(&self.stats.pending_total),
             ),
             (
+                "upstream_rq_retry_overflow",
+                StatKind::Counter,
+                load(&self.stats.retry_overflow),
+            ),
+            (
                 "outlier_detection.ejections_active",
                 StatKind::Gauge,
                 ejected,
@@ -246,6 +275,50 @@ impl Cluster {
                 load(&self.stats.ejections),
             ),
         ]
+    }
+
+    /// `connectionPool.http.idleTimeout`, else Envoy's default for upstream connections (1 h).
+    fn idle_timeout(&self) -> Duration {
+        self.policy
+            .pool
+            .as_ref()
+            .and_then(|p| p.idle_timeout)
+            .and_then(|d| Duration::try_from(d).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(3600))
+    }
+
+    /// Close idle connections unused for longer than the idle timeout. Returns how many.
+    fn close_idle(&self, now: Instant) -> usize {
+        let timeout = self.idle_timeout();
+        let mut closed = 0;
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        for list in idle.values_mut() {
+            let before = list.len();
+            // Dropping the sender ends the connection task: hyper closes the connection.
+            list.retain(|c| now.saturating_duration_since(c.idle_since) < timeout);
+            closed += before - list.len();
+        }
+        idle.retain(|_, l| !l.is_empty());
+        drop(idle);
+        self.stats
+            .cx_idle_timeout
+            .fetch_add(closed as u64, Ordering::Relaxed);
+        closed
+    }
+
+    /// A slot for one retry, or None when `connectionPool.http.maxRetries` retries are
+    /// already in flight in this cluster (Envoy then returns the last response as is).
+    pub fn retry_slot(self: &Arc<Self>) -> Option<RetrySlot> {
+        let max = self.policy.pool.as_ref().map_or(0, |p| p.max_retries);
+        let prev = self.active_retries.fetch_add(1, Ordering::AcqRel);
+        let slot = RetrySlot(self.clone());
+        if max > 0 && prev >= max {
+            drop(slot);
+            self.stats.retry_overflow.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(slot)
     }
 
     /// `connectionPool.tcp.connectTimeout` when set, else the waypoint's default.
@@ -330,13 +403,31 @@ impl Cluster {
     /// Record the outcome of a request to `uid` for outlier detection. `status` None means a
     /// locally detected failure (connect error, reset, timeout), counted as a 5xx as Envoy does.
     pub fn record_outcome(&self, uid: &str, status: Option<u16>, total_hosts: usize) {
+        self.record_outcome_at(uid, status, total_hosts, Instant::now());
+    }
+
+    /// `outlierDetection.interval` (Istio's default 10 s).
+    fn outlier_interval(od: &l7::OutlierDetection) -> Duration {
+        od.interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// The first interval tick at or after `t`.
+    fn next_tick(&self, t: Instant, interval: Duration) -> Instant {
+        let since = t.saturating_duration_since(self.epoch);
+        let ticks = since.as_nanos().div_ceil(interval.as_nanos());
+        self.epoch + interval.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX))
+    }
+
+    fn record_outcome_at(&self, uid: &str, status: Option<u16>, total_hosts: usize, now: Instant) {
         let Some(od) = &self.policy.outlier else {
             return;
         };
         let is_5xx = status.is_none_or(|s| s >= 500);
         let is_gw = status.is_none_or(|s| matches!(s, 502..=504));
         let mut h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
         let ejected_now = h
             .values()
             .filter(|e| e.ejected_until.is_some_and(|t| t > now))
@@ -374,12 +465,33 @@ impl Cluster {
             .base_ejection_time
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(Duration::from_secs(30));
-        e.times_ejected += 1;
-        e.ejected_until = Some(now + base * e.times_ejected);
+        let interval = Self::outlier_interval(od);
+        // Envoy decrements the multiplier on every interval tick the host spends healthy, so
+        // a host that failed once long ago is not punished as a repeat offender.
+        if let Some(healthy_since) = e.ejected_until {
+            let healthy = now.saturating_duration_since(healthy_since);
+            let ticks = healthy.as_nanos() / interval.as_nanos();
+            e.times_ejected = e
+                .times_ejected
+                .saturating_sub(u32::try_from(ticks).unwrap_or(u32::MAX));
+        }
+        e.times_ejected = e.times_ejected.saturating_add(1);
+        let duration = base
+            .saturating_mul(e.times_ejected)
+            .min(MAX_EJECTION_TIME.max(base));
+        // Envoy returns ejected hosts only from its interval timer: the first tick after
+        // the ejection time has passed.
+        let until = self.next_tick(now + duration, interval);
+        e.ejected_until = Some(until);
         e.consecutive_5xx = 0;
         e.consecutive_gateway = 0;
         self.stats.ejections.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(cluster = %self.name, endpoint = %uid, "outlier detection ejected endpoint for {:?}", base * e.times_ejected);
+        tracing::info!(
+            cluster = %self.name,
+            endpoint = %uid,
+            "outlier detection ejected endpoint for {:?}",
+            until.saturating_duration_since(now)
+        );
     }
 
     fn track_active(&self, uid: &str, delta: i32) {
@@ -453,6 +565,8 @@ impl Drop for Lease {
                 })
                 .unwrap_or(64);
             if list.len() < cap {
+                let mut conn = conn;
+                conn.idle_since = Instant::now();
                 list.push(conn);
             }
             return;
@@ -470,6 +584,15 @@ impl Drop for Lease {
 }
 
 struct ActiveRq(Arc<Cluster>);
+
+/// One retry in flight in its cluster, until dropped.
+pub struct RetrySlot(Arc<Cluster>);
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.0.active_retries.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 impl Drop for ActiveRq {
     fn drop(&mut self) {
@@ -540,7 +663,13 @@ impl Upstreams {
         new
     }
 
-    /// All clusters (for stats).
+    /// Close the idle connections of every cluster that outlived its idle timeout; run
+    /// periodically (a sweep, so an unused connection is closed, not merely skipped).
+    pub fn close_idle(&self) -> usize {
+        let now = Instant::now();
+        self.clusters().iter().map(|c| c.close_idle(now)).sum()
+    }
+
     /// Envoy-style `/stats` text: `cluster.<name>.<stat>: <value>` per line, sorted, as
     /// `pilot-agent request GET stats` shows them for Envoy.
     pub fn stats_text(&self) -> String {
@@ -698,6 +827,7 @@ impl Upstreams {
         Ok(UpConn {
             sender,
             uses: 0,
+            idle_since: Instant::now(),
             closed,
         })
     }
@@ -719,7 +849,15 @@ impl Upstreams {
             let mut idle = cluster.idle.lock().unwrap_or_else(PoisonError::into_inner);
             let mut found = None;
             if let Some(list) = idle.get_mut(&idle_key) {
+                let timeout = cluster.idle_timeout();
                 while let Some(c) = list.pop() {
+                    if c.idle_since.elapsed() >= timeout {
+                        cluster
+                            .stats
+                            .cx_idle_timeout
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let ok = !c.closed.is_cancelled()
                         && match &c.sender {
                             Sender::H1(s) => {
@@ -918,18 +1056,76 @@ mod tests {
         assert_eq!(set.connect_timeout(default), Duration::from_millis(250));
     }
 
+    fn ms(n: u64) -> prost_types::Duration {
+        prost_types::Duration {
+            seconds: (n / 1000) as i64,
+            nanos: ((n % 1000) * 1_000_000) as i32,
+        }
+    }
+
     #[test]
-    fn ejection_ends_after_the_base_time() {
+    fn ejection_ends_on_the_first_interval_tick_after_the_base_time() {
         let c = cluster(l7::OutlierDetection {
             consecutive_5xx_errors: Some(1),
-            base_ejection_time: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 50_000_000,
-            }),
+            base_ejection_time: Some(ms(50)),
+            interval: Some(ms(1000)),
             ..Default::default()
         });
-        fail(&c, "a", 1, 2);
-        assert!(c.is_ejected("a", Instant::now()));
-        assert!(!c.is_ejected("a", Instant::now() + Duration::from_millis(60)));
+        let t0 = c.epoch + Duration::from_millis(100);
+        c.record_outcome_at("a", Some(503), 2, t0);
+        // 50 ms of base time, but hosts come back only on the interval timer (t = 1 s).
+        assert!(c.is_ejected("a", t0 + Duration::from_millis(60)));
+        assert!(c.is_ejected("a", c.epoch + Duration::from_millis(999)));
+        assert!(!c.is_ejected("a", c.epoch + Duration::from_millis(1000)));
+        // A short interval: back right after the base time.
+        let fast = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            base_ejection_time: Some(ms(50)),
+            interval: Some(ms(10)),
+            ..Default::default()
+        });
+        fast.record_outcome_at("a", Some(503), 2, fast.epoch);
+        assert!(fast.is_ejected("a", fast.epoch + Duration::from_millis(45)));
+        assert!(!fast.is_ejected("a", fast.epoch + Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn repeat_ejections_grow_and_decay_per_healthy_interval() {
+        let c = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            base_ejection_time: Some(ms(100)),
+            interval: Some(ms(100)),
+            ..Default::default()
+        });
+        let at = |n: u64| c.epoch + Duration::from_millis(n);
+        c.record_outcome_at("a", None, 2, at(0));
+        assert!(c.is_ejected("a", at(99)) && !c.is_ejected("a", at(100)));
+        // Ejected again right away: twice the base time.
+        c.record_outcome_at("a", None, 2, at(100));
+        assert!(c.is_ejected("a", at(299)) && !c.is_ejected("a", at(300)));
+        // Three ejections in a row: 3x.
+        c.record_outcome_at("a", None, 2, at(300));
+        assert!(c.is_ejected("a", at(599)) && !c.is_ejected("a", at(600)));
+        // Healthy for two intervals (600 → 800): the multiplier went 3 → 1, so the next
+        // ejection is 2x, not 4x.
+        c.record_outcome_at("a", None, 2, at(800));
+        assert!(c.is_ejected("a", at(999)) && !c.is_ejected("a", at(1000)));
+    }
+
+    #[test]
+    fn ejection_time_is_capped_at_envoys_maximum() {
+        let c = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            base_ejection_time: Some(ms(200_000)),
+            interval: Some(ms(1000)),
+            ..Default::default()
+        });
+        let mut now = c.epoch;
+        for _ in 0..3 {
+            c.record_outcome_at("a", None, 2, now);
+            now = c.health.lock().unwrap()["a"].ejected_until.unwrap();
+        }
+        // 200 s, then 400 capped to 300 s, then 300 s again.
+        assert_eq!(now - c.epoch, Duration::from_secs(800));
     }
 }

@@ -297,6 +297,138 @@ async fn seeds_scenarios() {
         "v2 got its round-robin share before each retry"
     );
 
+    // Retries exhausted on a failing subset: the last 503 is returned with Envoy's `URX`.
+    let v2_vs = |pool: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool:\n      http: {pool}\n  subsets:\n  - {{name: v2, labels: {{version: v2}}}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: v2}}\n    retries: {{attempts: 2, retryOn: 5xx}}\n"
+        )
+    };
+    mesh.apply_l7(&v2_vs("{}"));
+    let urx = || {
+        metric_value(
+            &mesh.wp_metrics.encode(),
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "URX")],
+        )
+    };
+    let before = urx();
+    let mut c = Client::connect(&mesh).await;
+    for _ in 0..3 {
+        let r = c
+            .get("/reviews/0", &[("x-fail-version", "v2")])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 503);
+    }
+    assert_eq!(urx() - before, 3.0, "retries exhausted are flagged URX");
+
+    // `connectionPool.http.maxRetries`: concurrent callers whose first tries all fail compete
+    // for one retry slot; the others get the failed response at once
+    // (`upstream_rq_retry_overflow`). Unlimited (the default): no overflow.
+    async fn failing_burst(mesh: &Mesh) -> (u64, usize) {
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            clients.push(Client::connect(mesh).await);
+        }
+        for _ in 0..4 {
+            let tasks: Vec<_> = clients
+                .drain(..)
+                .map(|mut c| {
+                    tokio::spawn(async move {
+                        let r = c
+                            .get("/reviews/0", &[("x-fail-version", "v2")])
+                            .await
+                            .unwrap();
+                        assert_eq!(r.status, 503);
+                        c
+                    })
+                })
+                .collect();
+            for t in tasks {
+                clients.push(t.await.unwrap());
+            }
+        }
+        let overflow = mesh
+            .wp
+            .inner
+            .upstreams
+            .clusters()
+            .iter()
+            .filter(|c| c.name.contains("|v2|"))
+            .map(|c| {
+                c.stats
+                    .retry_overflow
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum();
+        (overflow, v2_seen(mesh))
+    }
+    fn v2_seen(mesh: &Mesh) -> usize {
+        mesh.seen["v2"].lock().unwrap().len()
+    }
+    mesh.seen["v2"].lock().unwrap().clear();
+    let (overflow, seen) = failing_burst(&mesh).await;
+    assert_eq!(
+        (overflow, seen),
+        (0, 24 * 3),
+        "unlimited retries: every try reaches v2"
+    );
+    mesh.apply_l7(&v2_vs("{maxRetries: 1}"));
+    mesh.seen["v2"].lock().unwrap().clear();
+    let (overflow, seen) = failing_burst(&mesh).await;
+    println!("maxRetries 1: {overflow} retries refused, v2 saw {seen} tries");
+    assert!(overflow > 0, "6 concurrent retriers overflow maxRetries: 1");
+    // A refused retry ends its request: that try and any later one are never sent.
+    assert!(
+        (24..=24 * 3 - overflow as usize).contains(&seen),
+        "v2 saw {seen} tries"
+    );
+
+    // `connectionPool.http.idleTimeout`: an idle upstream connection is closed by the sweep,
+    // and the next request opens a new one.
+    mesh.apply_l7(&v2_vs("{idleTimeout: 300ms}"));
+    let v2_cluster = || {
+        mesh.wp
+            .inner
+            .upstreams
+            .clusters()
+            .into_iter()
+            .find(|c| c.name.contains("|v2|"))
+            .unwrap()
+    };
+    let mut c = Client::connect(&mesh).await;
+    assert_eq!(c.get("/reviews/0", &[]).await.unwrap().status, 200);
+    let cluster = v2_cluster();
+    let stat = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(c.get("/reviews/0", &[]).await.unwrap().status, 200);
+    assert_eq!(
+        stat(&cluster.stats.cx_total),
+        1,
+        "reused within the idle timeout"
+    );
+    assert_eq!(stat(&cluster.stats.cx_idle_timeout), 0);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        stat(&cluster.stats.cx_idle_timeout),
+        1,
+        "closed after 300 ms idle"
+    );
+    assert_eq!(c.get("/reviews/0", &[]).await.unwrap().status, 200);
+    assert_eq!(
+        stat(&cluster.stats.cx_total),
+        2,
+        "a new connection after the timeout"
+    );
+    assert!(
+        mesh.wp
+            .inner
+            .upstreams
+            .stats_text()
+            .contains(".upstream_cx_idle_timeout: 1"),
+        "{}",
+        mesh.wp.inner.upstreams.stats_text()
+    );
+
     // Redirect, direct response, response header operations.
     mesh.apply_l7(&vs(
         "  http:\n  - match:\n    - uri: {prefix: /old}\n    redirect: {uri: /reviews/1, redirectCode: 308}\n  - match:\n    - uri: {exact: /teapot}\n    directResponse: {status: 418, body: {string: short and stout}}\n  - route:\n    - destination: {host: reviews, subset: v1}\n    headers:\n      response:\n        set: {x-served-by: waypoint}\n        remove: [x-seen-host]\n",
@@ -560,6 +692,46 @@ async fn seeds_scenarios() {
         "    - destination: {host: tcp-echo, port: {number: 9000}, subset: v1}\n",
     ));
     assert_eq!(tcp_count(&mesh, 10).await, 0);
+    // The waypoint reports its TCP connections in istio_tcp_* (reporter="waypoint"), as
+    // Envoy's waypoint does: opened/closed per connection, the bytes both ways.
+    let tcp_dst = [
+        ("reporter", "waypoint"),
+        ("destination_service", "tcp-echo.default.svc.cluster.local"),
+        ("destination_workload", "tcp-echo-v1"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/productpage",
+        ),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = mesh.wp_metrics.encode();
+        if metric_value(&text, "istio_tcp_connections_closed_total", &tcp_dst) >= 10.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric_value(&text, "istio_tcp_connections_opened_total", &tcp_dst),
+        10.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "istio_tcp_connections_closed_total", &tcp_dst),
+        10.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "istio_tcp_received_bytes_total", &tcp_dst),
+        60.0,
+        "6 bytes from each client: {text}"
+    );
+    assert!(metric_value(&text, "istio_tcp_sent_bytes_total", &tcp_dst) >= 100.0);
+    assert!(
+        text.contains("istio_tcp_sockets_open{reporter=\"waypoint\"} 0"),
+        "{text}"
+    );
     mesh.apply_l7(&tcp_vs("    - destination: {host: tcp-echo, port: {number: 9000}, subset: v1}\n      weight: 80\n    - destination: {host: tcp-echo, port: {number: 9000}, subset: v2}\n      weight: 20\n"));
     let two = tcp_count(&mesh, 100).await;
     // ≥ 4 standard deviations: a correct 80/20 fails < 1 run in 100 000.

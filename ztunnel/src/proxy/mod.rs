@@ -28,15 +28,13 @@ use zmesh_core::certs::CertificateManager;
 use zmesh_core::copy::{BytesStream, CopyStats, copy_bidirectional};
 use zmesh_core::drain::Drain;
 use zmesh_core::hbone::next_connection_id;
-use zmesh_core::identity::Identity;
-use zmesh_core::metrics::{
-    ConnectionRecorder, Metrics, Reporter, ResponseFlags, SecurityPolicy, TcpLabels,
-};
-use zmesh_core::state::{Service, StateStore, Workload};
+use zmesh_core::metrics::{ConnectionRecorder, Metrics, ResponseFlags, TcpLabels};
+use zmesh_core::state::{StateStore, Workload};
 use zmesh_core::telemetry::AccessLog;
 
 use crate::config::Config;
 use connection_manager::ConnectionManager;
+pub use zmesh_core::metrics::traffic_labels;
 
 /// What every listener and connection handler shares, on every worker thread. The one
 /// per-worker input, the HBONE connection pool, is passed to the outbound path beside it.
@@ -103,62 +101,6 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// The canonical service name Istio reports: the canonical name label, else the workload name.
-fn canonical(w: &Workload) -> &str {
-    if w.canonical_name.is_empty() {
-        &w.workload_name
-    } else {
-        &w.canonical_name
-    }
-}
-
-/// Istio's TCP metric labels for one connection. Unknown values stay empty; the metrics
-/// encoder renders them as `unknown`, as Istio does.
-pub fn traffic_labels(
-    reporter: Reporter,
-    src: Option<&Workload>,
-    src_identity: Option<&Identity>,
-    dst: Option<&Workload>,
-    service: Option<&Service>,
-    security: SecurityPolicy,
-) -> TcpLabels {
-    let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| w.map(f).unwrap_or("").to_string();
-    // The source reporter presents the source's own certificate, so its identity is known; a
-    // destination only knows what the peer proved (plaintext has no principal, whatever the
-    // source address says).
-    let src_principal = src_identity
-        .map(|i| i.to_string())
-        .or_else(|| {
-            (reporter == Reporter::Source)
-                .then(|| src.map(|w| w.identity().to_string()))
-                .flatten()
-        })
-        .unwrap_or_default();
-    TcpLabels {
-        source_workload: field(src, |w| &w.workload_name),
-        source_canonical_service: field(src, canonical),
-        source_canonical_revision: field(src, |w| &w.canonical_revision),
-        source_workload_namespace: field(src, |w| &w.namespace),
-        source_principal: src_principal,
-        source_app: field(src, canonical),
-        source_version: field(src, |w| &w.canonical_revision),
-        source_cluster: field(src, |w| &w.cluster_id),
-        destination_service: service.map(|s| s.hostname.clone()).unwrap_or_default(),
-        destination_service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_default(),
-        destination_service_name: service.map(|s| s.name.clone()).unwrap_or_default(),
-        destination_workload: field(dst, |w| &w.workload_name),
-        destination_canonical_service: field(dst, canonical),
-        destination_canonical_revision: field(dst, |w| &w.canonical_revision),
-        destination_workload_namespace: field(dst, |w| &w.namespace),
-        destination_principal: dst.map(|w| w.identity().to_string()).unwrap_or_default(),
-        destination_app: field(dst, canonical),
-        destination_version: field(dst, |w| &w.canonical_revision),
-        destination_cluster: field(dst, |w| &w.cluster_id),
-        connection_security_policy: security,
-        ..TcpLabels::new(reporter)
     }
 }
 
