@@ -17,7 +17,9 @@ Checks, all without a cluster:
    version in its apiVersion, strictly (fields the API server would prune are errors).
 5. Consistency with the code: container flags and env vars exist in the binaries' clap
    definitions, images carry the workspace version, the controller's ClusterRole can
-   list/watch every kind it watches, and its --node-agent names ztunnel's ServiceAccount.
+   list/watch every kind it watches, its --node-agent names ztunnel's ServiceAccount, and
+   every probe's port is one the container declares (a named port that does not exist is
+   accepted by the API server and fails only at run time, as a never-ready pod).
 
 Errors name the file, the document and the field path. Exit status 1 on any error.
 `--self-test` breaks copies of the manifests in a temporary directory in several ways and
@@ -395,6 +397,15 @@ def check_consistency(root: Path, docs: list[Doc], report: Report) -> None:
             report.error(doc.where, f"namespaced object must set metadata.namespace: "
                          f"{NAMESPACE} (so applying the file needs no -n)")
         for c in workload_containers(doc.obj):
+            declared = set()
+            for p in c.get("ports") or []:
+                declared |= {p.get("name"), p.get("containerPort")}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                for handler in ("httpGet", "tcpSocket", "grpc"):
+                    port = ((c.get(probe) or {}).get(handler) or {}).get("port")
+                    if port is not None and port not in declared:
+                        report.error(doc.where, f"container {c.get('name')}: {probe} port "
+                                     f"{port!r} is not a declared container port")
             image = c.get("image", "")
             want = f"ghcr.io/zmesh/{c.get('name')}:{version}"
             if image != want:
@@ -681,6 +692,10 @@ BREAKAGES = [
     ("unknown field in a waypoint template",
      "zz-bad.yaml document 1 (ServiceAccount example) [Kubernetes",
      _write_bad_template),
+    ("probe on a port the container does not declare",
+     "is not a declared container port",
+     _break("Deployment", lambda d: _pod(d)["containers"][0]["readinessProbe"]["httpGet"].update(
+         port="http-redy"))),
     ("container flag the binary does not have",
      "is not a flag of",
      _break("Deployment", lambda d: _pod(d)["containers"][0]["args"].append("--no-such-flag"))),

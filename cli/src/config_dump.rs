@@ -1,4 +1,4 @@
-//! `zmesh config-dump (ztunnel|waypoint) POD`: a proxy's `/config_dump` (admin port 15000),
+//! `zmesh config-dump (ztunnel|waypoint|controller) POD`: a component's `/config_dump` (admin port 15000),
 //! fetched through the API server's `pods/portforward` subresource (see [`crate::portforward`]):
 //! the admin server listens on the pod's loopback only, which port-forward reaches and the pod
 //! proxy subresource (it dials the pod IP) does not.
@@ -19,15 +19,17 @@ pub const ADMIN_PORT: u16 = 15000;
 pub enum Component {
     Ztunnel,
     Waypoint,
+    /// zmesh-controller: what it serves, to which proxies, their ACK/NACK, its CA root.
+    Controller,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct ConfigDumpArgs {
-    /// Which proxy the pod runs.
+    /// Which component the pod runs.
     #[arg(value_enum)]
     pub component: Component,
-    /// The pod (a ztunnel pod defaults to zmesh's namespace, a waypoint pod to -n / the
-    /// context's namespace).
+    /// The pod (a ztunnel or controller pod defaults to zmesh's namespace, a waypoint pod to
+    /// -n / the context's namespace).
     pub pod: String,
     /// How long to wait for the port-forward and the answer (e.g. 30s, 1m).
     #[arg(long, default_value = "15s", value_parser = parse_duration)]

@@ -88,10 +88,11 @@ enum Command {
     /// Show the controller, ztunnels per node, waypoints, enrolled namespaces and certificate expiry.
     #[command(after_help = "Examples:\n  zmesh status\n  zmesh status -o yaml")]
     Status,
-    /// Print a proxy's /config_dump (admin port 15000), fetched through port-forward.
+    /// Print a component's /config_dump (admin port 15000), fetched through port-forward.
     #[command(after_help = "Examples:\n  \
         zmesh config-dump ztunnel ztunnel-x7k2p\n  \
-        zmesh config-dump waypoint waypoint-5d9f8-abcde -n shop -o yaml\n\n\
+        zmesh config-dump waypoint waypoint-5d9f8-abcde -n shop -o yaml\n  \
+        zmesh config-dump controller zmesh-controller-6c9f7d-xk2lp\n\n\
         The admin server listens on the pod's loopback only; the API server's port-forward\n\
         reaches it, so your kubeconfig's user needs `create` on `pods/portforward`.")]
     ConfigDump(config_dump::ConfigDumpArgs),
@@ -177,10 +178,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Status => status::run(&kube::connect(&opts).await?, format).await,
         Command::ConfigDump(args) => {
             let kube = kube::connect(&opts).await?;
-            // ztunnel pods live in zmesh's namespace, whatever the context's namespace is.
+            // ztunnel and controller pods live in zmesh's namespace, whatever the context's
+            // namespace is.
             let ns = match (&cli.namespace, args.component) {
                 (Some(ns), _) => ns.clone(),
-                (None, config_dump::Component::Ztunnel) => manifests::system_namespace(),
+                (None, config_dump::Component::Ztunnel | config_dump::Component::Controller) => {
+                    manifests::system_namespace()
+                }
                 (None, config_dump::Component::Waypoint) => kube.namespace.clone(),
             };
             config_dump::run(&kube, &args, &ns, format).await

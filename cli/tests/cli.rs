@@ -783,6 +783,17 @@ async fn config_dump_through_port_forward() {
     let got: Value = serde_saphyr::from_str(&stdout(&out)).expect("YAML output");
     assert_eq!(got["node"], "node-a");
 
+    // The controller's admin port, in zmesh's namespace by default too.
+    let (ctl_admin, _ctl_stop) = admin_server(r#"{"component": "zmesh-controller"}"#).await;
+    e.api
+        .set_port_forward("zmesh-system", "zmesh-controller-abc", 15000, ctl_admin);
+    let out = e
+        .zmesh(&["config-dump", "controller", "zmesh-controller-abc"])
+        .await;
+    assert_ok(&out);
+    let got: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(got["component"], "zmesh-controller");
+
     // A waypoint pod in -n's namespace where nothing listens on 15000: the kubelet's dial
     // inside the pod is refused and says so on the error channel.
     e.api

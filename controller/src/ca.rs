@@ -347,13 +347,32 @@ pub enum CaSetupError {
     },
 }
 
+/// Where the CA root came from (shown by the admin `/config_dump`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RootSource {
+    /// Loaded from PEM files.
+    File { cert: PathBuf },
+    /// Generated at this start; written to `cert` (and its key file), or kept in memory only.
+    Generated { cert: Option<PathBuf> },
+    /// Loaded from, or generated and stored in, a Kubernetes Secret.
+    KubernetesSecret {
+        namespace: String,
+        name: String,
+        /// This controller created the Secret (first start of the mesh).
+        created: bool,
+    },
+    /// Handed over by the program embedding the controller.
+    Embedder,
+}
+
 /// Load the root from `cert_path`/`key_path`, or generate one (ECDSA P-256, 10 years) and
 /// persist it there (key mode 0600) when neither exists.
 pub fn load_or_create_root(
     cert_path: &Path,
     key_path: &Path,
     trust_domain: &str,
-) -> Result<CertificateAuthority, CaSetupError> {
+) -> Result<(CertificateAuthority, RootSource), CaSetupError> {
     let io = |what, path: &Path, e: std::io::Error| CaSetupError::Io {
         what,
         path: path.display().to_string(),
@@ -366,7 +385,12 @@ pub fn load_or_create_root(
             let key = std::fs::read_to_string(key_path).map_err(|e| io("key", key_path, e))?;
             let ca = CertificateAuthority::from_pem(&cert, &key)?;
             info!(trust_domain = %ca.trust_domain(), cert = %cert_path.display(), "CA root loaded");
-            Ok(ca)
+            Ok((
+                ca,
+                RootSource::File {
+                    cert: cert_path.to_path_buf(),
+                },
+            ))
         }
         (false, false) => {
             use std::io::Write;
@@ -388,7 +412,12 @@ pub fn load_or_create_root(
             std::fs::write(cert_path, ca.root_pem())
                 .map_err(|e| io("certificate", cert_path, e))?;
             info!(%trust_domain, cert = %cert_path.display(), "CA root generated");
-            Ok(ca)
+            Ok((
+                ca,
+                RootSource::Generated {
+                    cert: Some(cert_path.to_path_buf()),
+                },
+            ))
         }
         (true, false) => Err(CaSetupError::HalfRoot {
             present: cert_path.display().to_string(),
@@ -409,7 +438,7 @@ pub async fn load_or_create_root_secret(
     namespace: &str,
     name: &str,
     trust_domain: &str,
-) -> Result<CertificateAuthority, CaSetupError> {
+) -> Result<(CertificateAuthority, RootSource), CaSetupError> {
     use k8s_openapi::ByteString;
     use k8s_openapi::api::core::v1::Secret;
     let err = |reason: String| CaSetupError::Secret {
@@ -431,8 +460,13 @@ pub async fn load_or_create_root_secret(
             &get("ca-key.pem")?,
         )?)
     };
+    let source = |created| RootSource::KubernetesSecret {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        created,
+    };
     if let Some(s) = api.get_opt(name).await.map_err(|e| err(e.to_string()))? {
-        return from_secret(&s);
+        return Ok((from_secret(&s)?, source(false)));
     }
     let ca = CertificateAuthority::generate(trust_domain)?;
     let secret = Secret {
@@ -449,10 +483,10 @@ pub async fn load_or_create_root_secret(
         ..Default::default()
     };
     match api.create(&kube::api::PostParams::default(), &secret).await {
-        Ok(_) => Ok(ca),
+        Ok(_) => Ok((ca, source(true))),
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let s = api.get(name).await.map_err(|e| err(e.to_string()))?;
-            from_secret(&s)
+            Ok((from_secret(&s)?, source(false)))
         }
         Err(e) => Err(err(e.to_string())),
     }

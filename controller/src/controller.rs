@@ -4,7 +4,8 @@
 //! Start-up order matters for clients reconnecting to a restarted controller: the source is
 //! loaded and translated *before* the ports open, so a client presenting its
 //! `initial_resource_versions` is compared against the complete state and receives only real
-//! changes, never a burst of removals followed by re-adds.
+//! changes, never a burst of removals followed by re-adds. The admin and readiness servers
+//! ([`crate::admin`]) open first, so a starting controller answers 503 rather than nothing.
 //!
 //! Files in the config directory besides the Kubernetes YAML:
 //! - `nodes/<node>.token`: bootstrap tokens (see [`crate::ca`]);
@@ -13,7 +14,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -24,9 +25,11 @@ use tonic::transport::Server;
 use tracing::{error, info, warn};
 use zmesh_core::ca::CertificateAuthority;
 use zmesh_core::metrics::Metrics;
+use zmesh_core::telemetry::LogHandle;
 
+use crate::admin::{AdminServers, SourceKind, Status};
 use crate::ca::{
-    CaMetrics, CaOptions, CaService, CaSetupError, FileTokenAuthenticator, TOKENS_DIR,
+    CaMetrics, CaOptions, CaService, CaSetupError, FileTokenAuthenticator, RootSource, TOKENS_DIR,
     TokenAuthenticator,
 };
 use crate::sources::file::FileSource;
@@ -52,12 +55,23 @@ pub struct ControllerConfig {
     pub xds_tls_addr: Option<SocketAddr>,
     /// Prometheus metrics (15014).
     pub metrics_addr: Option<SocketAddr>,
+    /// Admin API (Istio: 15000; loopback only). Off by default in the library: embedders
+    /// (tests, benchmarks, the demo) run several components in one network namespace; the
+    /// binary's `--admin-addr` defaults to 127.0.0.1:15000.
+    pub admin_addr: Option<SocketAddr>,
+    /// `/healthz/ready` (Istio: 15021). Off by default in the library, as `admin_addr`; the
+    /// binary's `--readiness-addr` defaults to 0.0.0.0:15021.
+    pub readiness_addr: Option<SocketAddr>,
+    /// Log filter control for the admin `/logging` (None: 501).
+    pub logs: Option<LogHandle>,
     /// Trust domain of a newly generated root (a loaded root brings its own).
     pub trust_domain: String,
     /// Namespace the controller runs in (its identity: `ns/<namespace>/sa/zmesh-controller`).
     pub namespace: String,
     /// A CA root loaded by the embedder (Kubernetes: from a Secret); wins over the paths.
     pub root: Option<Arc<CertificateAuthority>>,
+    /// Where `root` came from (admin view); default [`RootSource::Embedder`].
+    pub root_source: Option<RootSource>,
     /// Default `<config_dir>/ca/root-cert.pem` and `root-key.pem`.
     pub root_cert: Option<PathBuf>,
     pub root_key: Option<PathBuf>,
@@ -81,9 +95,13 @@ impl Default for ControllerConfig {
             xds_plaintext_addr: Some(([127, 0, 0, 1], 15010).into()),
             xds_tls_addr: Some(([0, 0, 0, 0], 15012).into()),
             metrics_addr: Some(([0, 0, 0, 0], 15014).into()),
+            admin_addr: None,
+            readiness_addr: None,
+            logs: None,
             trust_domain: zmesh_core::identity::DEFAULT_TRUST_DOMAIN.into(),
             namespace: "istio-system".into(),
             root: None,
+            root_source: None,
             root_cert: None,
             root_key: None,
             debounce: Duration::from_millis(100),
@@ -128,6 +146,12 @@ pub enum ControllerError {
          with tokens); give a 127.0.0.1 or [::1] address, or \"off\""
     )]
     PlaintextNotLoopback(SocketAddr),
+    #[error(
+        "the admin API must listen on a loopback address, not {0}: it dumps the mesh's \
+         configuration and can stop the controller; give a 127.0.0.1 or [::1] address, or \
+         \"off\""
+    )]
+    AdminNotLoopback(SocketAddr),
 }
 
 /// Where the controller's listeners bound.
@@ -136,6 +160,8 @@ pub struct ControllerAddrs {
     pub xds_plaintext: Option<SocketAddr>,
     pub xds_tls: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub readiness: Option<SocketAddr>,
 }
 
 /// A running controller.
@@ -149,6 +175,7 @@ pub struct Controller {
     pub ca_metrics: Arc<CaMetrics>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    admin: AdminServers,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ControllerError> {
@@ -167,6 +194,8 @@ struct TranslationLoop {
     opts: TranslateOptions,
     errors_gauge: Gauge,
     reported: BTreeSet<String>,
+    /// `reported`, for the admin view.
+    shared_errors: Arc<Mutex<BTreeSet<String>>>,
     /// Subscribed before the first snapshot, so no change slips between the two.
     rx: tokio::sync::watch::Receiver<u64>,
 }
@@ -224,6 +253,14 @@ impl TranslationLoop {
             info!("translation error resolved: {e}");
         }
         self.errors_gauge.set(now.len() as i64);
+        if now != self.reported {
+            now.clone_into(
+                &mut self
+                    .shared_errors
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+        }
         self.reported = now;
         for (type_url, (upserted, removed)) in &summary.changed {
             info!(%type_url, upserted, removed, version = self.cache.version(type_url), "resources changed");
@@ -253,36 +290,54 @@ impl TranslationLoop {
 }
 
 impl Controller {
-    /// Load, translate, then open the ports. Returns once everything is bound.
+    /// Open the admin and readiness ports, load, translate, then open the xDS ports. Returns
+    /// once everything is bound.
     pub async fn start(cfg: ControllerConfig) -> Result<Controller, ControllerError> {
+        let admin = AdminServers::start(&cfg).await?;
+        Self::start_with(cfg, admin).await
+    }
+
+    /// [`start`](Self::start) with admin servers the embedder started earlier, so that what
+    /// it does before (the Kubernetes source's first lists, the CA root Secret) is already
+    /// visible on them. `cfg.admin_addr` and `cfg.readiness_addr` are not used here.
+    pub async fn start_with(
+        cfg: ControllerConfig,
+        admin: AdminServers,
+    ) -> Result<Controller, ControllerError> {
         if let Some(a) = cfg.xds_plaintext_addr
             && !a.ip().to_canonical().is_loopback()
         {
             return Err(ControllerError::PlaintextNotLoopback(a));
         }
+        let status = admin.status.clone();
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let store = cfg.store.clone().unwrap_or_default();
 
         // CA root.
-        let ca = match (&cfg.root, &cfg.root_cert, &cfg.root_key, &cfg.config_dir) {
-            (Some(root), ..) => root.clone(),
+        let (ca, root_source) = match (&cfg.root, &cfg.root_cert, &cfg.root_key, &cfg.config_dir) {
+            (Some(root), ..) => (
+                root.clone(),
+                cfg.root_source.clone().unwrap_or(RootSource::Embedder),
+            ),
             (None, Some(c), Some(k), _) => {
-                Arc::new(crate::ca::load_or_create_root(c, k, &cfg.trust_domain)?)
+                let (ca, source) = crate::ca::load_or_create_root(c, k, &cfg.trust_domain)?;
+                (Arc::new(ca), source)
             }
             (None, c, k, Some(dir)) => {
                 let c = c.clone().unwrap_or_else(|| dir.join("ca/root-cert.pem"));
                 let k = k.clone().unwrap_or_else(|| dir.join("ca/root-key.pem"));
-                Arc::new(crate::ca::load_or_create_root(&c, &k, &cfg.trust_domain)?)
+                let (ca, source) = crate::ca::load_or_create_root(&c, &k, &cfg.trust_domain)?;
+                (Arc::new(ca), source)
             }
             _ => {
                 warn!("no config directory or root paths: using an ephemeral CA root");
-                Arc::new(
-                    CertificateAuthority::generate(&cfg.trust_domain)
-                        .map_err(CaSetupError::from)?,
-                )
+                let ca = CertificateAuthority::generate(&cfg.trust_domain)
+                    .map_err(CaSetupError::from)?;
+                (Arc::new(ca), RootSource::Generated { cert: None })
             }
         };
+        status.ca_loaded(&ca, root_source);
         let mut topts = cfg.translate.clone();
         if ca.trust_domain() != cfg.trust_domain {
             info!(root = %ca.trust_domain(), configured = %cfg.trust_domain,
@@ -307,17 +362,27 @@ impl Controller {
 
         // Source: load once before translating, then watch.
         if let (Some(dir), true) = (&cfg.config_dir, cfg.file_source) {
+            status.set_source(SourceKind::File { dir: dir.clone() });
             let source = FileSource::new(dir.clone());
-            for e in source.load_once(&store) {
+            let errors = source.load_once(&store);
+            for e in &errors {
                 warn!("config: {e}");
             }
+            status.set_file_errors(source.errors());
+            track_file_sync(&status, &source, &errors, stop.clone());
             let (s, st) = (store.clone(), stop.clone());
             tasks.push(tokio::spawn(async move { source.run(s, st).await }));
+        } else if status.source().is_none() {
+            // The embedder filled the store before starting us.
+            status.set_source(SourceKind::Embedded);
+            status.source_synced();
         }
 
         // Translation: once now (complete state before any client connects), then on change.
         let cache = ResourceCache::new();
+        let translation_errors = Arc::new(Mutex::new(BTreeSet::new()));
         let mut tl = TranslationLoop {
+            shared_errors: translation_errors.clone(),
             rx: store.generation(),
             store: store.clone(),
             cache: cache.clone(),
@@ -340,7 +405,12 @@ impl Controller {
             ads_metrics.clone(),
             stop.clone(),
         );
-        let mut addrs = ControllerAddrs::default();
+        let mut addrs = ControllerAddrs {
+            admin: admin.admin,
+            readiness: admin.readiness,
+            ..ControllerAddrs::default()
+        };
+        let mut served_identity = None;
         let grpc = || {
             Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -378,6 +448,7 @@ impl Controller {
             );
             let l = bind("TLS xDS/CA", addr).await?;
             addrs.xds_tls = l.local_addr().ok();
+            served_identity = Some(identity.to_string());
             info!(%identity, addr = ?addrs.xds_tls, "TLS xDS and CA serving");
             let router = grpc()
                 .add_service(ads.clone().with_authenticator(auth).into_service())
@@ -412,6 +483,13 @@ impl Controller {
                 _ = zmesh_core::process::trim_free_memory_every(Duration::from_secs(1)) => {}
             }
         }));
+        status.serving(
+            cache.clone(),
+            ads,
+            addrs.clone(),
+            served_identity,
+            translation_errors,
+        );
         info!(?addrs, trust_domain = %ca.trust_domain(), "controller started");
         Ok(Controller {
             addrs,
@@ -423,6 +501,7 @@ impl Controller {
             ca_metrics,
             stop,
             tasks,
+            admin,
         })
     }
 
@@ -430,6 +509,7 @@ impl Controller {
     /// later), ports close. Waits up to 5 s, then aborts what is left.
     pub async fn shutdown(self) {
         self.stop.cancel();
+        self.admin.stop();
         for t in self.tasks {
             let abort = t.abort_handle();
             if tokio::time::timeout(Duration::from_secs(5), t)
@@ -446,4 +526,46 @@ impl Controller {
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
     }
+
+    /// Token cancelled by the admin `POST /quitquitquit`: the embedder should then call
+    /// [`Controller::shutdown`] (the binary does, as on SIGTERM).
+    pub fn quit_token(&self) -> CancellationToken {
+        self.admin.quit.clone()
+    }
+
+    /// What the admin and readiness servers show.
+    pub fn status(&self) -> &Arc<Status> {
+        &self.admin.status
+    }
+}
+
+/// File mode: the first load counts as the sync unless the directory itself could not be
+/// read (then nothing was loaded); in that case the first later load that reads it does.
+fn track_file_sync(
+    status: &Arc<Status>,
+    source: &FileSource,
+    first: &[crate::sources::file::SourceError],
+    stop: CancellationToken,
+) {
+    let dir = source.dir().to_path_buf();
+    let unreadable = move |errors: &[crate::sources::file::SourceError]| {
+        errors.iter().any(|e| e.document.is_none() && e.file == dir)
+    };
+    if !unreadable(first) {
+        status.source_synced();
+        return;
+    }
+    let (status, mut rx) = (status.clone(), source.errors());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+            if !unreadable(&rx.borrow_and_update()) {
+                status.source_synced();
+                return;
+            }
+        }
+    });
 }

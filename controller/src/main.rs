@@ -5,6 +5,9 @@
 //! - Kubernetes mode (`--kubernetes`): watches the API server (in-cluster config or
 //!   KUBECONFIG), reviews service-account tokens with TokenReview, keeps the CA root in a Secret,
 //!   and turns `istio-waypoint` Gateways into waypoint Deployments (`--waypoint-image`).
+//!
+//! Admin (`--admin-addr`, loopback) and readiness (`--readiness-addr`) open first; SIGTERM,
+//! an interrupt or `POST /quitquitquit` stop the controller, also while it is still starting.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +18,7 @@ use clap::Parser;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use zmesh_controller::admin::{AdminServers, Status};
 use zmesh_controller::ca::{KubeAuthenticator, KubeTokenReviewer, load_or_create_root_secret};
 use zmesh_controller::controller::{Controller, ControllerConfig};
 use zmesh_controller::sources::kube::KubeSource;
@@ -50,6 +54,14 @@ struct Args {
     /// Prometheus metrics. "off" disables it.
     #[arg(long, default_value = "0.0.0.0:15014")]
     metrics_addr: String,
+    /// Admin API (/config_dump, /logging, /quitquitquit); must be a loopback address.
+    /// "off" disables it.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: String,
+    /// Readiness (/healthz/ready: 503 until the config source has synced, the CA root is
+    /// loaded and the xDS ports are bound). "off" disables it.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: String,
     /// Trust domain of a newly generated CA root.
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
@@ -105,7 +117,7 @@ fn parse_addr(flag: &str, s: &str) -> Result<Option<SocketAddr>> {
 fn main() -> Result<()> {
     let args = Args::parse();
     zmesh_core::tls::install_default_provider();
-    let _logs = zmesh_core::telemetry::init_logging("info", args.log_json, None)?;
+    let logs = zmesh_core::telemetry::init_logging("info", args.log_json, None)?;
     let dir = match (&args.config_dir, args.kubernetes) {
         (Some(dir), false) if !dir.is_dir() => {
             bail!("--config-dir {} is not a directory", dir.display())
@@ -119,21 +131,27 @@ fn main() -> Result<()> {
         .enable_all()
         .thread_name("zmesh-controller")
         .build()?;
-    rt.block_on(run(args, dir))
+    rt.block_on(run(args, dir, logs))
 }
 
-/// Wait until the Kubernetes watches have delivered their initial lists: the store changed at
-/// least once and then stayed quiet for a moment (bounded), so clients never see a partial
-/// first snapshot.
-async fn wait_for_initial_sync(store: &ObjectStore) {
-    let mut rx = store.generation();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
-    while tokio::time::Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(2), rx.changed()).await {
-            Ok(Ok(())) => continue,
-            _ => break,
-        }
+/// How long start-up waits for the Kubernetes watches' first lists before serving what it
+/// has (readiness stays 503 until every kind is listed).
+const INITIAL_SYNC_WAIT: Duration = Duration::from_secs(60);
+
+/// Wait (bounded) until every watched kind has been listed once, so clients never see a
+/// partial first snapshot.
+async fn wait_for_initial_sync(
+    mut pending: tokio::sync::watch::Receiver<std::collections::BTreeSet<&'static str>>,
+) {
+    let listed = tokio::time::timeout(INITIAL_SYNC_WAIT, pending.wait_for(|p| p.is_empty()))
+        .await
+        .is_ok();
+    if !listed {
+        let kinds: Vec<&str> = pending.borrow().iter().copied().collect();
+        tracing::warn!(
+            ?kinds,
+            "not every kind listed after {INITIAL_SYNC_WAIT:?}; serving what is there (not ready until they are)"
+        );
     }
 }
 
@@ -141,6 +159,7 @@ async fn wait_for_initial_sync(store: &ObjectStore) {
 async fn kubernetes_parts(
     args: &Args,
     cfg: &mut ControllerConfig,
+    status: &Arc<Status>,
     stop: CancellationToken,
 ) -> Result<()> {
     let client = kube::Client::try_default()
@@ -148,11 +167,13 @@ async fn kubernetes_parts(
         .context("connecting to the Kubernetes API (in-cluster service account or KUBECONFIG)")?;
     let store = ObjectStore::new();
     let source = KubeSource::new(client.clone());
+    let pending = source.pending_kinds();
+    status.track_kube_sync(pending.clone(), stop.clone());
     let st = store.clone();
     let source_stop = stop.clone();
     tokio::spawn(async move { source.run(st, source_stop).await });
-    wait_for_initial_sync(&store).await;
-    let root = load_or_create_root_secret(
+    wait_for_initial_sync(pending).await;
+    let (root, root_source) = load_or_create_root_secret(
         client.clone(),
         &args.namespace,
         &args.ca_secret,
@@ -177,6 +198,7 @@ async fn kubernetes_parts(
         store.clone(),
     )));
     cfg.root = Some(Arc::new(root));
+    cfg.root_source = Some(root_source);
     cfg.store = Some(store);
     cfg.file_source = false;
     Ok(())
@@ -216,7 +238,11 @@ fn start_waypoint_reconciler(
     Ok(())
 }
 
-async fn run(args: Args, dir: Option<PathBuf>) -> Result<()> {
+async fn run(
+    args: Args,
+    dir: Option<PathBuf>,
+    logs: zmesh_core::telemetry::LogHandle,
+) -> Result<()> {
     let mut ca = zmesh_controller::ca::CaOptions::default();
     ca.max_ttl = Duration::from_secs(args.max_cert_ttl_secs);
     ca.default_ttl = ca.default_ttl.min(ca.max_ttl);
@@ -225,6 +251,9 @@ async fn run(args: Args, dir: Option<PathBuf>) -> Result<()> {
         xds_plaintext_addr: parse_addr("xds-plaintext-addr", &args.xds_plaintext_addr)?,
         xds_tls_addr: parse_addr("xds-tls-addr", &args.xds_tls_addr)?,
         metrics_addr: parse_addr("metrics-addr", &args.metrics_addr)?,
+        admin_addr: parse_addr("admin-addr", &args.admin_addr)?,
+        readiness_addr: parse_addr("readiness-addr", &args.readiness_addr)?,
+        logs: Some(logs),
         trust_domain: args.trust_domain.clone(),
         namespace: args.namespace.clone(),
         root_cert: args.root_cert.clone(),
@@ -239,17 +268,37 @@ async fn run(args: Args, dir: Option<PathBuf>) -> Result<()> {
         ca,
         ..ControllerConfig::default()
     };
-    let source_stop = CancellationToken::new();
-    if args.kubernetes {
-        kubernetes_parts(&args, &mut cfg, source_stop.clone()).await?;
-    }
-    let controller = Controller::start(cfg)
-        .await
-        .context("starting the controller")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let admin = AdminServers::start(&cfg)
+        .await
+        .context("starting the admin and readiness servers")?;
+    let quit = admin.quit.clone();
+    let source_stop = CancellationToken::new();
+    let starting = async {
+        if args.kubernetes {
+            let status = admin.status.clone();
+            kubernetes_parts(&args, &mut cfg, &status, source_stop.clone()).await?;
+        }
+        Controller::start_with(cfg, admin)
+            .await
+            .context("starting the controller")
+    };
+    // why: the Kubernetes start-up can wait a minute for its lists; a stop request then must
+    // not wait for it.
+    let stopped = tokio::select! {
+        r = starting => Some(r?),
+        _ = term.recv() => { tracing::info!("SIGTERM received while starting"); None }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupt received while starting"); None }
+        _ = quit.cancelled() => { tracing::info!("/quitquitquit received while starting"); None }
+    };
+    let Some(controller) = stopped else {
+        source_stop.cancel();
+        return Ok(());
+    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+        _ = quit.cancelled() => tracing::info!("/quitquitquit received"),
     }
     source_stop.cancel();
     controller.shutdown().await;

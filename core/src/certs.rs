@@ -221,7 +221,7 @@ fn asn1_to_system(ts: i64) -> SystemTime {
 }
 
 /// RFC 3339 in UTC with second precision (`2025-01-31T12:00:00Z`).
-pub(crate) fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     let dt = time::OffsetDateTime::from(t);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",

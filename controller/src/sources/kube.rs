@@ -12,7 +12,11 @@
 //!   and the kind is retried slowly.
 //! - Other errors are logged and retried with exponential backoff; one kind failing never
 //!   stops the others.
+//! - [`KubeSource::pending_kinds`] tells which kinds have not completed their first list yet
+//!   (a kind that is not served counts as listed): the controller is not ready before every
+//!   kind has been listed once.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +25,7 @@ use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::Value;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::k8s::{KINDS, KindInfo};
@@ -51,21 +56,32 @@ pub struct KubeSource {
     client: Client,
     kinds: Vec<&'static KindInfo>,
     timing: Timing,
+    /// Kinds whose first list has not completed yet.
+    pending: Arc<watch::Sender<BTreeSet<&'static str>>>,
 }
 
 impl KubeSource {
     /// Watch every kind the controller serves.
     pub fn new(client: Client) -> Self {
+        let kinds: Vec<&'static KindInfo> = KINDS.iter().collect();
+        let pending = kinds.iter().map(|k| k.kind).collect();
         KubeSource {
             client,
-            kinds: KINDS.iter().collect(),
+            kinds,
             timing: Timing::default(),
+            pending: Arc::new(watch::channel(pending).0),
         }
     }
 
     pub fn with_timing(mut self, timing: Timing) -> Self {
         self.timing = timing;
         self
+    }
+
+    /// Kinds not listed yet; empty once every kind has completed its first list (or turned
+    /// out not to be served). Take it before [`run`](Self::run).
+    pub fn pending_kinds(&self) -> watch::Receiver<BTreeSet<&'static str>> {
+        self.pending.subscribe()
     }
 
     /// Run all watchers until `cancel`.
@@ -77,6 +93,7 @@ impl KubeSource {
                 store.clone(),
                 cancel.clone(),
                 self.timing,
+                self.pending.clone(),
             )
         });
         futures::future::join_all(tasks).await;
@@ -98,12 +115,16 @@ async fn watch_kind(
     store: Arc<ObjectStore>,
     cancel: CancellationToken,
     timing: Timing,
+    pending: Arc<watch::Sender<BTreeSet<&'static str>>>,
 ) {
+    let listed = || {
+        pending.send_if_modified(|p| p.remove(info.kind));
+    };
     let mut reported_absent = false;
     loop {
         let mut served = false;
         for version in info.versions {
-            match run_watcher(&client, info, version, &store, &cancel, timing).await {
+            match run_watcher(&client, info, version, &store, &cancel, timing, &listed).await {
                 Outcome::Cancelled => return,
                 Outcome::NotServed => continue,
                 Outcome::Restart => {
@@ -118,6 +139,9 @@ async fn watch_kind(
         }
         // Not installed: whatever we had of this kind is gone with it.
         store.replace_kinds(&[info.kind], Vec::new());
+        // why: a kind that is not served has nothing to list; waiting for it would keep the
+        // controller unready in every cluster without the optional CRDs.
+        listed();
         if !reported_absent {
             tracing::info!(kind = info.kind, group = info.group, versions = ?info.versions,
                 retry = ?timing.absent_retry, "kind not served by the API server (CRD not installed?); will look again");
@@ -147,6 +171,7 @@ async fn run_watcher(
     store: &ObjectStore,
     cancel: &CancellationToken,
     timing: Timing,
+    on_listed: &(dyn Fn() + Sync),
 ) -> Outcome {
     let api_version = info.api_version(version);
     let ar = ApiResource {
@@ -211,6 +236,7 @@ async fn run_watcher(
                 let count = buffer.len();
                 let changed = store.replace_kinds(&[info.kind], std::mem::take(&mut buffer));
                 tracing::debug!(kind = info.kind, %api_version, count, changed, "listed");
+                on_listed();
             }
             watcher::Event::Apply(obj) => {
                 if let Some((key, value)) = to_raw(info, &api_version, obj) {

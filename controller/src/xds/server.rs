@@ -21,20 +21,24 @@
 //! On the TLS listener ([`AdsServer::with_authenticator`]) a stream opens only with a bearer
 //! token the CA would accept (node bootstrap token or service-account token), else
 //! `Unauthenticated`; the plaintext listener is for local use and asks for none.
+//!
+//! Every open stream is listed by [`AdsServer::clients`] (the admin `/config_dump`): who it is,
+//! what it subscribed to, and the last ACK and NACK per type.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::Stream;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -166,6 +170,109 @@ struct Inner {
     stop: CancellationToken,
     next_stream: AtomicU64,
     large_pushes: Arc<tokio::sync::Semaphore>,
+    /// Open streams by id, for [`AdsServer::clients`]. why a plain map under one lock: it is
+    /// touched on connect, disconnect and once per ACK/NACK, never per resource.
+    clients: Mutex<BTreeMap<u64, ClientStatus>>,
+}
+
+impl Inner {
+    fn update_client(&self, id: u64, f: impl FnOnce(&mut ClientStatus)) {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = clients.get_mut(&id) {
+            f(c);
+        }
+    }
+}
+
+/// Longest NACK message kept for the admin view (it comes from the client, unbounded).
+const MAX_NACK_MESSAGE: usize = 2048;
+
+/// One open Delta ADS stream, as the admin `/config_dump` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientStatus {
+    /// The server's number for the stream (also the prefix of its nonces).
+    pub stream: u64,
+    /// `tls` (15012, authenticated) or `plaintext` (15010, local).
+    pub listener: &'static str,
+    pub peer: Option<SocketAddr>,
+    /// Who the bearer token says the client is (TLS listener).
+    pub caller: Option<String>,
+    /// SPIFFE identity of the client certificate, when one was presented.
+    pub peer_identity: Option<String>,
+    /// `node.id` of the first request (Istio's `type~ip~pod.namespace~domain`).
+    pub node_id: Option<String>,
+    /// From `node_id`, when it has Istio's form.
+    pub proxy_type: Option<String>,
+    /// `namespace/name` of the proxy's pod, from `node_id`.
+    pub pod: Option<String>,
+    /// RFC 3339, UTC.
+    pub connected_at: String,
+    /// Per subscribed type URL.
+    pub types: BTreeMap<String, TypeStatus>,
+}
+
+/// One type's subscription on one stream.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TypeStatus {
+    pub wildcard: bool,
+    /// Explicitly subscribed names.
+    pub subscribed_names: usize,
+    /// Resources the client holds, as far as the server knows (initial versions, then ACKs).
+    pub acked_resources: usize,
+    pub last_ack: Option<AckStatus>,
+    pub last_nack: Option<NackStatus>,
+}
+
+/// The last response a client accepted.
+#[derive(Clone, Debug, Serialize)]
+pub struct AckStatus {
+    /// The response's `system_version_info` (the cache's type version).
+    pub version: String,
+    pub nonce: String,
+    pub at: String,
+}
+
+/// The last response a client rejected.
+#[derive(Clone, Debug, Serialize)]
+pub struct NackStatus {
+    pub version: String,
+    pub nonce: String,
+    pub at: String,
+    /// `error_detail` as the client sent it (code and message, the message cut at 2 KiB).
+    pub code: i32,
+    pub error: String,
+}
+
+/// Removes a stream from the client list when its task ends (however it ends).
+struct Registered {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.inner
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+fn now_rfc3339() -> String {
+    zmesh_core::certs::rfc3339(SystemTime::now())
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// The ADS service. Clone freely; all clones share the cache, metrics and stop token.
@@ -195,6 +302,7 @@ impl AdsServer {
                 metrics,
                 stop,
                 next_stream: AtomicU64::new(1),
+                clients: Mutex::new(BTreeMap::new()),
             }),
             auth: None,
         }
@@ -210,6 +318,23 @@ impl AdsServer {
 
     pub fn metrics(&self) -> &Arc<AdsMetrics> {
         &self.inner.metrics
+    }
+
+    /// Type URLs served even while the cache has none of them ([`AdsOptions::types`]).
+    pub fn served_types(&self) -> &[String] {
+        &self.inner.opts.types
+    }
+
+    /// The open streams of every listener sharing this server (clones share the list),
+    /// oldest first.
+    pub fn clients(&self) -> Vec<ClientStatus> {
+        self.inner
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The tonic service, with Istio-sized message limits.
@@ -242,9 +367,18 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let peer = peer_addr(&request);
+        let peer_identity = request
+            .extensions()
+            .get::<TlsConnInfo>()
+            .and_then(|i| i.peer_identity.as_ref())
+            .map(ToString::to_string);
+        let mut caller = None;
         if let Some(auth) = &self.auth {
             match crate::ca::authenticate(auth.as_ref(), request.metadata()).await {
-                Ok(caller) => debug!(?peer, %caller, "ADS stream authenticated"),
+                Ok(c) => {
+                    debug!(?peer, caller = %c, "ADS stream authenticated");
+                    caller = Some(c.to_string());
+                }
                 Err(status) => {
                     warn!(?peer, "ADS stream refused: {}", status.message());
                     self.inner.metrics.unauthenticated_streams.inc();
@@ -255,8 +389,35 @@ impl AggregatedDiscoveryService for AdsServer {
         let inbound = request.into_inner();
         let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                ClientStatus {
+                    stream: id,
+                    listener: if self.auth.is_some() {
+                        "tls"
+                    } else {
+                        "plaintext"
+                    },
+                    peer,
+                    caller,
+                    peer_identity,
+                    node_id: None,
+                    proxy_type: None,
+                    pod: None,
+                    connected_at: now_rfc3339(),
+                    types: BTreeMap::new(),
+                },
+            );
         let stream = AdsStream {
             id,
+            _registered: Registered {
+                inner: self.inner.clone(),
+                id,
+            },
             peer,
             inner: self.inner.clone(),
             tx,
@@ -274,6 +435,8 @@ impl AggregatedDiscoveryService for AdsServer {
 /// A response in flight: what it changes in the client's view once ACKed.
 struct InFlight {
     nonce: String,
+    /// The response's `system_version_info`.
+    version: u64,
     /// name → new version (None: removed).
     changes: Vec<(Name, Option<Arc<str>>)>,
     /// A large push's slot, given back with the ACK/NACK (or when the stream ends).
@@ -333,6 +496,8 @@ enum End {
 
 struct AdsStream {
     id: u64,
+    /// Listed in [`AdsServer::clients`] while the stream lives.
+    _registered: Registered,
     peer: Option<SocketAddr>,
     inner: Arc<Inner>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -427,13 +592,21 @@ impl AdsStream {
             && self.node.is_none()
             && !node.id.is_empty()
         {
-            match NodeId::parse(&node.id) {
+            let parsed = NodeId::parse(&node.id);
+            match &parsed {
                 Some(n) => info!(client = %n, peer = ?self.peer, "ADS client connected"),
                 None => {
                     info!(node = %node.id, peer = ?self.peer, "ADS client connected (node id not in Istio's form)")
                 }
             }
             self.node = Some(node.id.clone());
+            self.inner.update_client(self.id, |c| {
+                c.node_id = Some(node.id.clone());
+                if let Some(n) = parsed {
+                    c.proxy_type = Some(n.proxy_type);
+                    c.pod = Some(format!("{}/{}", n.pod_namespace, n.pod_name));
+                }
+            });
         }
         let type_url = req.type_url.clone();
         if !self.known_type(&type_url) {
@@ -454,10 +627,12 @@ impl AdsStream {
             || !req.resource_names_unsubscribe.is_empty();
 
         // ACK / NACK of our last response.
+        let mut answered: Option<(u64, String)> = None;
         if !req.response_nonce.is_empty() {
             match sub.inflight.take() {
                 Some(f) if f.nonce == req.response_nonce => {
                     push_now |= std::mem::take(&mut sub.deferred);
+                    answered = Some((f.version, f.nonce.clone()));
                     match &req.error_detail {
                         None => {
                             for (name, v) in f.changes {
@@ -548,6 +723,28 @@ impl AdsStream {
             // why: a named subscription answers even if nothing is new, so the client knows.
             sub.must_respond = true;
         }
+        let (wildcard, names, acked) = (sub.wildcard, sub.names.len(), sub.acked.len());
+        self.inner.update_client(self.id, |c| {
+            let t = c.types.entry(type_url.clone()).or_default();
+            t.wildcard = wildcard;
+            t.subscribed_names = names;
+            t.acked_resources = acked;
+            if let Some((version, nonce)) = answered {
+                let (version, at) = (version.to_string(), now_rfc3339());
+                match &req.error_detail {
+                    None => t.last_ack = Some(AckStatus { version, nonce, at }),
+                    Some(err) => {
+                        t.last_nack = Some(NackStatus {
+                            version,
+                            nonce,
+                            at,
+                            code: err.code,
+                            error: truncate(&err.message, MAX_NACK_MESSAGE),
+                        })
+                    }
+                }
+            }
+        });
         if push_now {
             self.push(&type_url).await?;
         }
@@ -672,6 +869,7 @@ impl AdsStream {
         let sub = self.types.get_mut(type_url).expect("present above");
         sub.inflight = Some(InFlight {
             nonce: nonce.clone(),
+            version,
             changes,
             slot,
         });
