@@ -475,7 +475,11 @@ async fn route_request(
                 let (r, f) = local_reply(502, "upstream switched protocols unasked", "UPE");
                 return (r, f, None);
             }
-            let switched_to = rp.headers.get(UPGRADE).cloned().filter(|_| switched);
+            let switched_to = if switched {
+                rp.headers.get(UPGRADE).cloned()
+            } else {
+                None
+            };
             for h in HOP_BY_HOP {
                 rp.headers.remove(*h);
             }

@@ -4,7 +4,8 @@
 //! An upgrade request goes through the whole pipeline of [`crate::http`] (authz, route,
 //! rewrite, header operations, fault, rate limit, destination, load balancing, outlier
 //! detection) with `Connection: upgrade` and `Upgrade` kept, and is sent once — no retries, no
-//! mirror — on an upstream HTTP/1.1 connection of its own ([`crate::upstream::ConnKind::Upgrade`]).
+//! mirror — on an upstream HTTP/1.1 connection of its own
+//! ([`crate::upstream::ConnKind::Upgrade`]), even when the cluster would otherwise use HTTP/2.
 //! A route timeout bounds the wait for the response head only. When the endpoint answers
 //! `101 Switching Protocols`, the 101 goes back to the client and [`relay`] then copies bytes
 //! both ways between the two upgraded connections until both directions have ended (an EOF on
@@ -215,7 +216,9 @@ pub async fn relay(
         activity: &activity,
     };
     let r = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut c, &mut u) => r.map(|_| ()).map_err(RelayError::from),
+        r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+            r.map(|_| ()).map_err(RelayError::from)
+        }
         () = activity.idle(idle) => Err(RelayError::Idle(idle)),
         () = force.cancelled() => Err(RelayError::Shutdown),
     };
