@@ -12,7 +12,7 @@
 //! when absent; ztunnel never touches HTTP) — that is how the L4 and L7 paths are told apart.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,15 @@ fn cluster() -> Cluster {
         || get(&c, REVIEWS, "/", &[]).is_ok_and(|r| r.status == 200 && via_waypoint(&r)),
     );
     c
+}
+
+/// Sum of the waypoint's `istio_requests_total` samples with `labels`.
+fn waypoint_metric(c: &Cluster, labels: &[(&str, &str)]) -> f64 {
+    let text = c
+        .waypoint_get(WP, 15020, "/metrics")
+        .expect("waypoint metrics")
+        .body;
+    metric_value(&text, "istio_requests_total", labels)
 }
 
 /// `GET path` from the client pod to `dst` (a fresh connection, as a browser refresh).
@@ -219,6 +228,48 @@ fn seeds_scenarios_through_the_waypoint() {
             .filter(|l| l.contains("request complete") && l.contains("response_code=200"))
             .count()
             >= 30
+    });
+
+    // WebSocket-style upgrade (HTTP/1.1 Upgrade): 101 through the waypoint, lines echoed both
+    // ways, the client's half-close carried to the app, whose last line still comes back.
+    let upgraded_before = waypoint_metric(&c, &[("response_code", "101")]);
+    let mut ws = connect_in(&c.pod_ns("client"), REVIEWS, T).expect("upgrade connection");
+    ws.set_read_timeout(Some(T)).expect("read timeout");
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: reviews:9080\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .expect("upgrade request");
+    let mut lines = std::io::BufReader::new(ws.try_clone().expect("clone"));
+    let mut head = String::new();
+    loop {
+        let mut l = String::new();
+        if lines.read_line(&mut l).expect("101 head") == 0 || l == "\r\n" {
+            break;
+        }
+        head.push_str(&l);
+    }
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "upgrade answered 101: {head}"
+    );
+    for i in 0..3 {
+        ws.write_all(format!("message {i}\n").as_bytes())
+            .expect("message");
+        let mut l = String::new();
+        lines.read_line(&mut l).expect("echo");
+        assert!(l.ends_with(&format!(" message {i}\n")), "echo {i}: {l:?}");
+    }
+    ws.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut rest = String::new();
+    lines
+        .read_to_string(&mut rest)
+        .expect("end of the upgraded stream");
+    assert!(
+        rest.ends_with(" bye\n"),
+        "last words after the half-close: {rest:?}"
+    );
+    wait_until(&c, T, "the upgrade counted once as 101", || {
+        waypoint_metric(&c, &[("response_code", "101")]) == upgraded_before + 1.0
     });
 
     // A1: route all to v1.

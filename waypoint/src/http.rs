@@ -7,6 +7,10 @@
 //! length within the replay buffer) is kept, so retries and mirrors can replay it; one still
 //! arriving (gRPC streaming, a chunked upload) or larger than the buffer is streamed upstream
 //! as it comes, tried once and not mirrored — as Envoy does once its retry buffer overflows.
+//!
+//! HTTP/1.1 Upgrade requests (WebSocket) take the same pipeline, keep `Connection: upgrade` and
+//! `Upgrade`, and are sent once on a connection of their own; after a `101` the two upgraded
+//! connections are relayed by [`crate::upgrade`], which also says when telemetry is recorded.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -16,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HOST, HeaderName};
+use http::header::{CONNECTION, HOST, HeaderName, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -30,7 +34,9 @@ use crate::coalesce::Coalesce;
 use crate::matcher::{self, AuthzDecision, RequestView};
 use crate::sniff::Detected;
 use crate::stats::RequestLabels;
-use crate::upstream::{Cluster, Endpoint, Lease, Policy, RetrySlot, UpBody, UpstreamError};
+use crate::upstream::{
+    Cluster, ConnKind, Endpoint, Lease, Policy, RetrySlot, UpBody, UpstreamError,
+};
 use crate::{ConnCtx, Inner, UndefinedSubset, pick_weighted};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -82,10 +88,11 @@ where
                 .serve_connection(TokioIo::new(Coalesce::new(io)), svc)
                 .await
         }
+        // With upgrades: after a 101 the connection is handed to `hyper::upgrade::on`.
         _ => {
             builder
                 .http1_only()
-                .serve_connection(TokioIo::new(io), svc)
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .await
         }
     };
@@ -159,6 +166,11 @@ async fn handle(
 ) -> Response<RespBody> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
+    // The client's connection, once a 101 has been sent on it.
+    let upgrade = crate::upgrade::requested(parts.version, &parts.headers).and_then(|proto| {
+        let client = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+        Some((proto, client))
+    });
     let protocol = if parts.version == Version::HTTP_2 {
         "http2"
     } else {
@@ -221,8 +233,14 @@ async fn handle(
         ReqBody::Full(b) => info.req_bytes = b.len() as u64,
         ReqBody::Streaming(s) => info.req_streamed = Some(s.seen.clone()),
     }
-    let (resp, flags, lease) = route_request(&inner, &ctx, &mut info, parts, body).await;
-    finish(&inner, &ctx, info, resp, flags, lease)
+    let proto = upgrade.as_ref().map(|(p, _)| p);
+    let (resp, flags, lease) = route_request(&inner, &ctx, &mut info, parts, body, proto).await;
+    match upgrade {
+        Some((_, client)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            finish_upgrade(&inner, &ctx, info, resp, lease, client)
+        }
+        _ => finish(&inner, &ctx, info, resp, flags, lease),
+    }
 }
 
 async fn route_request(
@@ -231,6 +249,7 @@ async fn route_request(
     info: &mut Info,
     mut parts: http::request::Parts,
     body: ReqBody,
+    upgrade: Option<&HeaderValue>,
 ) -> (Response<RespBody>, &'static str, Option<Lease>) {
     let l7cfg = inner.l7.load();
     let svc_cfg = ctx.service.as_ref().and_then(|s| inner.service_config(s));
@@ -379,8 +398,22 @@ async fn route_request(
     for h in HOP_BY_HOP {
         parts.headers.remove(*h);
     }
-    // 7. Mirrors: detached; never delay or affect the main request.
-    for m in &route.mirrors {
+    // An upgrade is end to end here: the endpoint is asked to switch protocols. (Only an
+    // upgrade request carries `Upgrade` upstream: `forward_once` picks its connection by it.)
+    if let Some(proto) = upgrade {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, proto.clone());
+    }
+    // 7. Mirrors: detached; never delay or affect the main request. Not for an upgrade (as
+    // Envoy): a mirrored copy would open a second stream with the endpoint.
+    let mirrors = if upgrade.is_some() {
+        &[][..]
+    } else {
+        &route.mirrors[..]
+    };
+    for m in mirrors {
         let pct = if m.percentage == 0.0 {
             100.0
         } else {
@@ -430,7 +463,10 @@ async fn route_request(
         .timeout
         .and_then(|d| Duration::try_from(d).ok())
         .filter(|d| !d.is_zero());
-    let fut = forward_with_retries(inner, ctx, &dest, route.retries.as_ref(), parts, body, info);
+    // An upgrade is tried once (Envoy does not retry them); the timeout bounds the wait for its
+    // response head only, not the upgraded stream.
+    let retries = route.retries.as_ref().filter(|_| upgrade.is_none());
+    let fut = forward_with_retries(inner, ctx, &dest, retries, parts, body, info);
     let res = match route_timeout {
         Some(t) => tokio::time::timeout(t, fut)
             .await
@@ -440,8 +476,25 @@ async fn route_request(
     match res {
         Ok((resp, lease)) => {
             let (mut rp, rb) = resp.into_parts();
+            let switched = rp.status == StatusCode::SWITCHING_PROTOCOLS;
+            if switched && upgrade.is_none() {
+                // Only an upgrade request may be answered 101; anything else would leave the
+                // client's connection in an unknown protocol.
+                let (r, f) = local_reply(502, "upstream switched protocols unasked", "UPE");
+                return (r, f, None);
+            }
+            let switched_to = if switched {
+                rp.headers.get(UPGRADE).cloned()
+            } else {
+                None
+            };
             for h in HOP_BY_HOP {
                 rp.headers.remove(*h);
+            }
+            if let Some(proto) = switched_to {
+                rp.headers
+                    .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                rp.headers.insert(UPGRADE, proto);
             }
             apply_header_ops(&mut rp.headers, dest.response_headers.as_ref());
             apply_header_ops(&mut rp.headers, route.response_headers.as_ref());
@@ -923,11 +976,19 @@ async fn forward_once(
         }
     };
     let policy = Policy::resolve(cfg.as_deref(), &dest.subset, port);
-    let h2 = parts.version == Version::HTTP_2
-        || matches!(
-            ctx.app_protocol,
-            zmesh_core::state::AppProtocol::Http2 | zmesh_core::state::AppProtocol::Grpc
-        );
+    // An upgrade (the only request that still has `Upgrade` here) is HTTP/1.1 by definition.
+    let upgrade = parts.headers.contains_key(UPGRADE);
+    let h2 = !upgrade
+        && (parts.version == Version::HTTP_2
+            || matches!(
+                ctx.app_protocol,
+                zmesh_core::state::AppProtocol::Http2 | zmesh_core::state::AppProtocol::Grpc
+            ));
+    let kind = match (upgrade, h2) {
+        (true, _) => ConnKind::Upgrade,
+        (false, true) => ConnKind::Http2,
+        (false, false) => ConnKind::Http1,
+    };
     let hash_key = match policy.lb.as_ref().and_then(|l| l.policy.as_ref()) {
         Some(l7::load_balancer::Policy::ConsistentHash(ch)) => match &ch.hash_key {
             Some(l7::consistent_hash::HashKey::HttpHeaderName(h)) => parts
@@ -992,7 +1053,7 @@ async fn forward_once(
     let th = || tunnel_headers(ctx, &dest.host);
     let r = inner
         .upstreams
-        .send(&cluster, &ep, req, h2, admitted, th)
+        .send(&cluster, &ep, req, kind, admitted, th)
         .await;
     cluster.record_outcome(
         &ep.workload.uid,
@@ -1029,6 +1090,53 @@ fn finish(
         }),
     };
     Response::from_parts(parts, tracked.boxed())
+}
+
+/// The 101 to the client, and a task relaying the upgraded stream that records telemetry
+/// (and releases the upstream lease) when the stream ends.
+fn finish_upgrade(
+    inner: &Arc<Inner>,
+    ctx: &Arc<ConnCtx>,
+    info: Info,
+    resp: Response<RespBody>,
+    lease: Option<Lease>,
+    client: hyper::upgrade::OnUpgrade,
+) -> Response<RespBody> {
+    let (mut parts, _) = resp.into_parts();
+    let (Some(upstream), Some(lease)) = (
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+        lease,
+    ) else {
+        // A 101 not from an endpoint (a direct response): nothing to relay to.
+        let (r, f) = local_reply(502, "no upgraded upstream connection", "UPE");
+        return finish(inner, ctx, info, r, f, None);
+    };
+    if let Ok(v) = HeaderValue::from_str(&info.request_id) {
+        parts.headers.entry("x-request-id").or_insert(v);
+    }
+    let idle = lease
+        .idle_timeout()
+        .unwrap_or(crate::upgrade::DEFAULT_IDLE_TIMEOUT);
+    let mut done = Done {
+        waypoint: inner.clone(),
+        ctx: ctx.clone(),
+        info,
+        code: parts.status.as_u16(),
+        flags: "-",
+        _lease: Some(lease),
+    };
+    let force = inner.drain.force_close();
+    // Tracked by the drain: shutdown waits for the stream for the grace period, then cuts it.
+    inner.drain.spawn(async move {
+        let (moved, r) = crate::upgrade::relay(client, upstream, idle, force).await;
+        if let Err(e) = &r {
+            debug!(request_id = %done.info.request_id, "upgraded stream ended: {e}");
+            done.flags = e.flag();
+        }
+        done.info.req_bytes += moved.from_client;
+        done.report(moved.from_upstream);
+    });
+    Response::from_parts(parts, full(Bytes::new()))
 }
 
 struct Done {

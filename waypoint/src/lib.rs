@@ -6,9 +6,12 @@
 //! service port, else sniffing), applies the service's L7 configuration ([`store::L7Store`]:
 //! authorization, routes, faults, rate limits, retries, timeouts, mirrors) and tunnels each
 //! request over HBONE to the chosen endpoint's ztunnel, presenting its own identity.
+//! HTTP/1.1 Upgrade requests (WebSocket; not `h2c`) go through the same pipeline and, once
+//! the endpoint answers 101, are relayed as a byte stream ([`upgrade`]).
 //!
 //! Layout: [`sniff`] protocol detection, [`matcher`] matching and L7 authz, [`http`] the
-//! request pipeline, [`upstream`] clusters/LB/outlier detection/connection pools, [`stats`]
+//! request pipeline, [`upgrade`] HTTP/1.1 Upgrade (WebSocket) forwarding, [`upstream`]
+//! clusters/LB/outlier detection/connection pools, [`stats`]
 //! Istio metrics, [`app`] the process around it (xDS, certificates, admin, readiness, drain)
 //! used by the `waypoint` binary.
 
@@ -19,6 +22,7 @@ pub mod matcher;
 pub mod sniff;
 pub mod stats;
 pub mod store;
+pub mod upgrade;
 pub mod upstream;
 
 use std::collections::HashMap;

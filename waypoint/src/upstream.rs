@@ -9,6 +9,11 @@
 //! ready connection (a new one counts once connected). A connection that reached
 //! `maxRequestsPerConnection` keeps its slot until it has actually closed (as Envoy counts it):
 //! together, why two callers against one connection already overflow now and then.
+//!
+//! An HTTP/1.1 Upgrade (WebSocket) goes out on a connection of its own ([`ConnKind::Upgrade`]):
+//! never taken from nor returned to the idle list, since after a `101` it carries the upgraded
+//! stream and no more HTTP. It holds its connection slot and counts as an active request until
+//! the upgraded stream ends (the [`Lease`] is held that long), as Envoy counts it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -62,6 +67,18 @@ impl UpstreamError {
             _ => 503,
         }
     }
+}
+
+/// The upstream connection a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// A pooled HTTP/1.1 connection.
+    Http1,
+    /// A pooled HTTP/2 connection.
+    Http2,
+    /// A new HTTP/1.1 connection for this request alone, able to switch protocols (`101`):
+    /// an Upgrade request.
+    Upgrade,
 }
 
 /// Effective destination policy (service policy with subset / port overrides applied).
@@ -522,8 +539,23 @@ pub struct Lease {
     idle_key: (usize, SocketAddr),
     uid: String,
     conn: Option<UpConn>,
+    /// The connection served an Upgrade: it never goes back to the idle list.
+    dedicated: bool,
     permit: Option<OwnedSemaphorePermit>,
     _rq: ActiveRq,
+}
+
+impl Lease {
+    /// `connectionPool.http.idleTimeout` of the destination, when set (non-zero).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.cluster
+            .policy
+            .pool
+            .as_ref()
+            .and_then(|p| p.idle_timeout)
+            .and_then(|d| Duration::try_from(d).ok())
+            .filter(|d| !d.is_zero())
+    }
 }
 
 impl Drop for Lease {
@@ -537,7 +569,8 @@ impl Drop for Lease {
             .map(|p| p.max_requests_per_connection)
             .unwrap_or(0);
         let Some(conn) = self.conn.take() else { return };
-        let reusable = !conn.closed.is_cancelled()
+        let reusable = !self.dedicated
+            && !conn.closed.is_cancelled()
             && (max_rq == 0 || conn.uses < max_rq)
             && match &conn.sender {
                 Sender::H1(s) => !s.is_closed(),
@@ -779,7 +812,7 @@ impl Upstreams {
         &self,
         cluster: &Cluster,
         ep: &Endpoint,
-        h2: bool,
+        kind: ConnKind,
         tunnel_headers: HeaderMap,
     ) -> Result<UpConn, UpstreamError> {
         let key = WorkloadKey {
@@ -800,7 +833,7 @@ impl Upstreams {
         cluster.stats.cx_total.fetch_add(1, Ordering::Relaxed);
         let closed = CancellationToken::new();
         let done = closed.clone();
-        let sender = if h2 {
+        let sender = if kind == ConnKind::Http2 {
             let io = TokioIo::new(crate::coalesce::Coalesce::new(stream));
             let (s, conn) = tokio::time::timeout(
                 connect_timeout,
@@ -818,10 +851,18 @@ impl Upstreams {
             let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-                done.cancel();
-            });
+            if kind == ConnKind::Upgrade {
+                // Hands the connection over to `hyper::upgrade::on(response)` after a 101.
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                    done.cancel();
+                });
+            } else {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    done.cancel();
+                });
+            }
             Sender::H1(s)
         };
         Ok(UpConn {
@@ -832,20 +873,25 @@ impl Upstreams {
         })
     }
 
-    /// Send one request to `ep` (a slot was admitted). Returns the response head and body
-    /// with the lease to hold until the body is done.
+    /// Send one request to `ep` (a slot was admitted) over a connection of `kind`. Returns the
+    /// response head and body with the lease to hold until the body (or, after a `101`, the
+    /// upgraded stream) is done.
     pub async fn send(
         &self,
         cluster: &Arc<Cluster>,
         ep: &Endpoint,
         mut req: Request<UpBody>,
-        h2: bool,
+        kind: ConnKind,
         admitted: (Option<OwnedSemaphorePermit>, ActiveRqGuard),
         tunnel_headers: impl FnOnce() -> HeaderMap,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         let (permit, mut rq) = admitted;
+        let h2 = kind == ConnKind::Http2;
+        let dedicated = kind == ConnKind::Upgrade;
         let idle_key = (zmesh_core::worker::index(), ep.addr);
-        let reused = {
+        let reused = if dedicated {
+            None
+        } else {
             let mut idle = cluster.idle.lock().unwrap_or_else(PoisonError::into_inner);
             let mut found = None;
             if let Some(list) = idle.get_mut(&idle_key) {
@@ -878,7 +924,7 @@ impl Upstreams {
             Some(c) => c,
             None => {
                 let headers = tunnel_headers.take().map(|f| f()).unwrap_or_default();
-                self.open(cluster, ep, h2, headers).await?
+                self.open(cluster, ep, kind, headers).await?
             }
         };
         if conn.sender.ready().await.is_err() {
@@ -889,7 +935,7 @@ impl Upstreams {
             let Some(headers) = tunnel_headers.take() else {
                 return Err(UpstreamError::Reset("connection closed".into()));
             };
-            conn = self.open(cluster, ep, h2, headers()).await?;
+            conn = self.open(cluster, ep, kind, headers()).await?;
             if conn.sender.ready().await.is_err() {
                 return Err(UpstreamError::Reset("connection closed".into()));
             }
@@ -902,6 +948,7 @@ impl Upstreams {
             idle_key,
             uid: ep.workload.uid.clone(),
             conn: None,
+            dedicated,
             permit,
             _rq: rq.0.take().expect("fresh guard"),
         };
@@ -912,7 +959,9 @@ impl Upstreams {
             .as_ref()
             .map(|p| p.max_requests_per_connection)
             .unwrap_or(0);
-        if !h2 && max_rq > 0 && conn.uses >= max_rq {
+        // Not on an Upgrade: its `Connection: upgrade` must stay, and its connection is not
+        // reused anyway.
+        if kind == ConnKind::Http1 && max_rq > 0 && conn.uses >= max_rq {
             // Last request on this connection: tell the server too.
             req.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));

@@ -621,6 +621,201 @@ async fn seeds_scenarios() {
     let r = get(&mesh, "/reviews/0", &[("x-request-id", "abc")]).await;
     assert_eq!(r.headers.get("x-seen-request-id").unwrap(), "abc");
 
+    // WebSocket-style HTTP/1.1 Upgrade: the whole pipeline applies (authz on the original
+    // path, route match, rewrite, request headers), the upgrade goes out on a connection of its
+    // own, the 101 comes back, bytes flow both ways past the route timeout (it bounds the wait
+    // for the 101 only), half-close is carried through, and the request counts once, as 101.
+    mesh.apply_l7(&format!(
+        "{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ws-only, namespace: default}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: reviews}}]\n  action: ALLOW\n  rules:\n  - to: [{{operation: {{paths: [\"/chat\", \"/reviews/*\"]}}}}]\n",
+        vs("  http:\n  - match:\n    - uri: {prefix: /chat}\n    rewrite: {uri: /ws}\n    timeout: 1s\n    retries: {attempts: 3, retryOn: 5xx}\n    mirror: {host: reviews, subset: v3}\n    mirrorPercentage: {value: 100}\n    headers:\n      request:\n        set: {x-via: waypoint}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n")
+    ));
+    let upgrade = [("connection", "upgrade"), ("upgrade", "websocket")];
+    // An endpoint that does not switch: its answer is an ordinary response, and the client's
+    // connection goes on serving HTTP.
+    mesh.seen["v3"].lock().unwrap().clear();
+    let mut c = Client::connect(&mesh).await;
+    let refused = [upgrade[0], upgrade[1], ("x-refuse-upgrade", "1")];
+    let r = c.get("/chat", &refused).await.unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "reviews-v2 refused the upgrade")
+    );
+    assert_eq!(c.get("/reviews/0", &[]).await.unwrap().body, "reviews-v1");
+    // Denied by L7 authz: 403, nothing switched.
+    let r = c.get("/private", &upgrade).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+    // A plain request to v2 leaves a pooled connection idle; the upgrade must not take it.
+    let r = c.get("/chat", &[]).await.unwrap();
+    assert_eq!(r.body, "reviews-v2 refused the upgrade", "{r:?}");
+    let cx_v2 = || {
+        mesh.wp
+            .inner
+            .upstreams
+            .clusters()
+            .iter()
+            .filter(|c| c.name.contains("|v2|"))
+            .map(|c| c.stats.cx_total.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    // The plain request was mirrored to v3, the refused upgrade was not.
+    for _ in 0..100 {
+        if !mesh.seen["v3"].lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        mesh.seen["v3"].lock().unwrap().len(),
+        1,
+        "only the plain request is mirrored"
+    );
+    mesh.seen["v3"].lock().unwrap().clear();
+    let cx_before = cx_v2();
+    let (head, ws) = ws_connect(&mesh, "/chat", &[]).await;
+    let head_lc = head.to_ascii_lowercase();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for h in [
+        "upgrade: websocket",
+        "connection: upgrade",
+        "x-seen-path: /ws",
+        "x-seen-via: waypoint",
+        "x-request-id: ",
+    ] {
+        assert!(head_lc.contains(h), "101 head lacks {h:?}: {head}");
+    }
+    assert_eq!(
+        cx_v2() - cx_before,
+        1,
+        "the upgrade opened a connection of its own"
+    );
+    let (r, mut w) = ws.into_split();
+    let mut lines = tokio::io::BufReader::new(r);
+    async fn next_line(lines: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>) -> String {
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncBufReadExt::read_line(lines, &mut line),
+        )
+        .await
+        .expect("echo in time")
+        .expect("read");
+        line
+    }
+    for i in 1..=3 {
+        w.write_all(format!("message {i}\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            next_line(&mut lines).await,
+            format!("reviews-v2 message {i}\n")
+        );
+    }
+    // Other requests go on while the stream is open.
+    assert_eq!(
+        get(&mesh, "/reviews/0", &[]).await.body,
+        "reviews-v1",
+        "a normal request beside an open upgraded stream"
+    );
+    // Past the 1 s route timeout: the upgraded stream is not cut by it.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    w.write_all(b"after the route timeout\n").await.unwrap();
+    assert_eq!(
+        next_line(&mut lines).await,
+        "reviews-v2 after the route timeout\n"
+    );
+    // Two messages in one write, then half-close: the endpoint sees EOF only after both, and
+    // its last words still come back before the end of the stream.
+    w.write_all(b"four\nfive\n").await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut rest = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_string(&mut lines, &mut rest),
+    )
+    .await
+    .expect("the stream ends after the half-close")
+    .expect("clean end");
+    assert_eq!(rest, "reviews-v2 four\nreviews-v2 five\nreviews-v2 bye\n");
+    // Counted once, as 101, when the stream has ended.
+    let mut upgraded = 0.0;
+    for _ in 0..100 {
+        upgraded = metric_value(
+            &mesh.wp_metrics.encode(),
+            "istio_requests_total",
+            &[
+                ("response_code", "101"),
+                ("destination_canonical_revision", "v2"),
+                ("reporter", "waypoint"),
+            ],
+        );
+        if upgraded > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upgraded, 1.0, "one upgraded request counted as 101");
+    // The upgrade was not mirrored either.
+    assert!(
+        mesh.seen["v3"].lock().unwrap().is_empty(),
+        "the upgrade was mirrored: {:?}",
+        mesh.seen["v3"].lock().unwrap()
+    );
+    let text = mesh.wp_metrics.encode();
+    assert!(
+        metric_value(
+            &text,
+            "istio_response_bytes_sum",
+            &[("response_code", "101")]
+        ) > 0.0,
+        "bytes of the upgraded stream are counted"
+    );
+    // The destination's `connectionPool.http.idleTimeout` ends an upgraded stream nothing
+    // moved on for that long (flag SI); data keeps it open.
+    mesh.apply_l7(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool:\n      http: {idleTimeout: 1s}\n  subsets:\n  - {name: v2, labels: {version: v2}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v2}\n",
+    );
+    let (head, ws) = ws_connect(&mesh, "/ws", &[]).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (r, mut w) = ws.into_split();
+    let mut lines = tokio::io::BufReader::new(r);
+    let t = Instant::now();
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        w.write_all(format!("keepalive {i}\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            next_line(&mut lines).await,
+            format!("reviews-v2 keepalive {i}\n")
+        );
+    }
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut lines, &mut rest),
+    )
+    .await;
+    assert!(ended.is_ok(), "the idle stream is closed");
+    assert!(
+        (Duration::from_millis(2500)..Duration::from_secs(6)).contains(&t.elapsed()),
+        "kept open while data moved, closed after 1 s idle: {:?}",
+        t.elapsed()
+    );
+    let mut idle_closed = 0.0;
+    for _ in 0..100 {
+        idle_closed = metric_value(
+            &mesh.wp_metrics.encode(),
+            "istio_requests_total",
+            &[("response_code", "101"), ("response_flags", "SI")],
+        );
+        if idle_closed > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(idle_closed, 1.0);
+
     // Bad input: malformed HTTP and oversized headers end that connection only.
     let mut bad = socks_connect(
         mesh.socks(),

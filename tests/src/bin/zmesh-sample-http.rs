@@ -1,6 +1,8 @@
 //! Sample HTTP service (enough for Bookinfo-like roles): `GET /` returns
 //! `{"service":..,"version":..,"headers":{..}}`, `/status/<code>` answers with that status,
-//! `/delay/<ms>` waits first. HTTP/1.1, one request per connection. Each request is logged
+//! `/delay/<ms>` waits first, `/ws` with `Connection: upgrade` + `Upgrade: websocket` answers
+//! 101 and then echoes each line as `<version> <line>` (at EOF: `<version> bye`, then closes).
+//! HTTP/1.1, one request per connection. Each request is logged
 //! on stdout (`request GET / HTTP/1.1 host=... x-request-id=...`).
 //!
 //! `zmesh-sample-http --port 8080 --service reviews --version v2` (or `PORT`, `SERVICE`,
@@ -52,6 +54,27 @@ fn serve(conn: TcpStream, service: &str, version: &str) -> std::io::Result<()> {
         headers.get("host").map_or("-", String::as_str),
         headers.get("x-request-id").map_or("-", String::as_str)
     );
+    let has = |name: &str, token: &str| {
+        headers
+            .get(name)
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if path == "/ws" && has("connection", "upgrade") && has("upgrade", "websocket") {
+        write!(
+            w,
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        )?;
+        w.flush()?;
+        let mut line = String::new();
+        while r.read_line(&mut line)? > 0 {
+            writeln!(w, "{version} {}", line.trim_end())?;
+            w.flush()?;
+            line.clear();
+        }
+        writeln!(w, "{version} bye")?;
+        w.flush()?;
+        return w.shutdown(std::net::Shutdown::Write);
+    }
     let mut status = 200u16;
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse().unwrap_or(400);

@@ -56,7 +56,8 @@ pub fn ip(s: &str) -> IpAddr {
 /// What a sample HTTP server saw: Host headers of the requests it received.
 pub type Seen = Arc<Mutex<Vec<String>>>;
 
-/// Sample HTTP server answering `reviews-<version>`; honours `x-sleep-ms`.
+/// Sample HTTP server answering `reviews-<version>`; honours `x-sleep-ms`. `/ws`: a
+/// WebSocket-like endpoint (see [`ws_upgrade`]).
 pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
     let l = TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
@@ -65,7 +66,7 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
             let seen = seen.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
                         let seen = seen.clone();
                         async move {
                             let host = req
@@ -90,6 +91,9 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                             }
                             if req.uri().path() == "/echo" {
                                 return Ok(hyper::Response::new(req.into_body().boxed()));
+                            }
+                            if req.uri().path() == "/ws" {
+                                return Ok(ws_upgrade(&mut req, version));
                             }
                             let sleep = req
                                 .headers()
@@ -133,10 +137,71 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                 );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
                     .await;
             });
         }
     });
+}
+
+fn has_token(h: &http::HeaderMap, name: &str, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// `/ws`: with `Connection: upgrade` + `Upgrade: websocket` (and no `x-refuse-upgrade`),
+/// answers 101 (headers `x-seen-path`, `x-seen-via` from the request) and then echoes each
+/// line as `reviews-<version> <line>`; at EOF it writes `reviews-<version> bye` and closes.
+/// Otherwise it answers 200 `reviews-<version> refused the upgrade`.
+fn ws_upgrade(
+    req: &mut hyper::Request<hyper::body::Incoming>,
+    version: &'static str,
+) -> hyper::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>> {
+    let body = |s: String| Full::new(Bytes::from(s)).map_err(|e| match e {}).boxed();
+    let h = req.headers();
+    if !has_token(h, "connection", "upgrade")
+        || !has_token(h, "upgrade", "websocket")
+        || h.contains_key("x-refuse-upgrade")
+    {
+        return hyper::Response::new(body(format!("reviews-{version} refused the upgrade")));
+    }
+    let mut r = hyper::Response::new(body(String::new()));
+    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let rh = r.headers_mut();
+    rh.insert("connection", "upgrade".parse().unwrap());
+    rh.insert("upgrade", "websocket".parse().unwrap());
+    if let Ok(p) = req.uri().path().parse() {
+        rh.insert("x-seen-path", p);
+    }
+    if let Some(v) = req.headers().get("x-via") {
+        rh.insert("x-seen-via", v.clone());
+    }
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(io) = on.await else { return };
+        let (r, mut w) = tokio::io::split(TokioIo::new(io));
+        let mut lines = tokio::io::BufReader::new(r);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let out = format!("reviews-{version} {}\n", line.trim_end());
+                    if w.write_all(out.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = w
+            .write_all(format!("reviews-{version} bye\n").as_bytes())
+            .await;
+        let _ = w.shutdown().await;
+    });
+    r
 }
 
 /// tcp-echo: prefixes each echoed read with `<prefix> `.
@@ -511,6 +576,40 @@ pub async fn get(mesh: &Mesh, path: &str, headers: &[(&str, &str)]) -> Resp {
         .await
         .expect("request completes")
         .expect("request succeeds")
+}
+
+/// A raw HTTP/1.1 connection to the reviews VIP through ztunnel A: sends `GET <path>` with
+/// `Connection: Upgrade`, `Upgrade: websocket` and `headers`, returns the response head and
+/// the connection, positioned just after the head.
+pub async fn ws_connect(mesh: &Mesh, path: &str, headers: &[(&str, &str)]) -> (String, TcpStream) {
+    let mut s = socks_connect(
+        mesh.socks(),
+        ip(CLIENT_IP),
+        SocketAddr::new(ip(REVIEWS_VIP), 9080),
+    )
+    .await
+    .expect("SOCKS connect");
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nhost: reviews:9080\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    // Byte by byte: nothing after the head may be consumed here.
+    let mut head = Vec::new();
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let b = s.read_u8().await.expect("response head");
+            head.push(b);
+            assert!(head.len() < 16 << 10, "response head too large");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), read)
+        .await
+        .expect("response head in time");
+    (String::from_utf8_lossy(&head).into_owned(), s)
 }
 
 /// Sum of the samples of `metric` whose labels include all of `labels` (0 when none does).
