@@ -51,6 +51,9 @@ impl ControllerSource {
     pub const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 254);
     /// TLS xDS + CA port.
     pub const XDS_TLS_PORT: u16 = 15012;
+    /// Readiness (`/healthz/ready`): 200 once the source synced, the CA is loaded and xDS
+    /// is served — what the harness waits for, as a kubelet would.
+    pub const READINESS_PORT: u16 = 15021;
     /// Controller metrics port.
     pub const METRICS_PORT: u16 = 15014;
 
@@ -210,7 +213,7 @@ impl ControllerSource {
 
     fn wait_serving(&mut self, fabric_ns: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let addr = SocketAddr::from((Self::ADDRESS, Self::XDS_TLS_PORT));
+        let addr = SocketAddr::from((Self::ADDRESS, Self::READINESS_PORT));
         loop {
             if let Some(p) = self.proc.as_mut()
                 && let Ok(Some(status)) = p.child.try_wait()
@@ -220,16 +223,13 @@ impl ControllerSource {
                     self.log()
                 )));
             }
-            let up = in_netns(fabric_ns, move || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-            })
-            .is_ok();
+            let up = in_netns(fabric_ns, move || ready(addr)).is_ok_and(|r| r);
             if up && self.root_cert().exists() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(HarnessError::Other(format!(
-                    "zmesh-controller did not serve on {addr} within {timeout:?}:\n{}",
+                    "zmesh-controller was not ready (GET {addr}/healthz/ready) within {timeout:?}:\n{}",
                     self.log()
                 )));
             }
@@ -349,6 +349,10 @@ impl MeshConfigSource for ControllerSource {
                 "--metrics-addr",
                 &format!("{}:{}", Self::ADDRESS, Self::METRICS_PORT),
             ])
+            .args([
+                "--readiness-addr",
+                &format!("{}:{}", Self::ADDRESS, Self::READINESS_PORT),
+            ])
             .args(["--debounce-ms", "50"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -375,4 +379,17 @@ impl MeshConfigSource for ControllerSource {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+}
+
+/// Whether `GET /healthz/ready` on `addr` answers 200 (one short HTTP/1.0 exchange).
+fn ready(addr: SocketAddr) -> std::io::Result<bool> {
+    use std::io::Write;
+    let t = Duration::from_millis(500);
+    let mut s = TcpStream::connect_timeout(&addr, t)?;
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))?;
+    s.write_all(b"GET /healthz/ready HTTP/1.0\r\nHost: controller\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    Ok(head.starts_with(b"HTTP/1.") && &head[8..12] == b" 200")
 }
