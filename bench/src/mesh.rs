@@ -142,16 +142,9 @@ pub fn start_sink_with(mut cmd: Command, ip: IpAddr) -> Result<Sink> {
     })
 }
 
-/// Distinct ports that were free a moment ago (ztunnel's listeners must be named up front).
+/// Distinct free ports (ztunnel's listeners must be named up front).
 fn free_ports(ip: IpAddr, n: usize) -> Result<Vec<u16>> {
-    // Hold all listeners at once so the kernel hands out distinct ports.
-    let ls = (0..n)
-        .map(|_| std::net::TcpListener::bind(SocketAddr::new(ip, 0)))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("reserving free ports")?;
-    ls.iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect::<Result<_>>()
+    zmesh_core::socket::unused_ports(ip, n).context("reserving free ports")
 }
 
 fn mesh_yaml() -> String {

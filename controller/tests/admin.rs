@@ -325,10 +325,7 @@ async fn admin_on_a_non_loopback_address_is_refused() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    zmesh_core::socket::unused_ports([127, 0, 0, 1].into(), 1).expect("a free port")[0]
 }
 
 /// The binary: flags, readiness, and `/quitquitquit` as a graceful stop (exit 0).

@@ -27,11 +27,7 @@ const CLIENT_IP: &str = "127.0.0.10";
 const ECHO_IP: &str = "127.0.0.20";
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    zmesh_core::socket::unused_ports([0, 0, 0, 0].into(), 1).expect("a free port")[0]
 }
 
 async fn echo_server(ip: IpAddr) -> SocketAddr {

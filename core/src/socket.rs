@@ -208,6 +208,58 @@ pub fn bind_address_no_port(sock: &impl std::os::fd::AsRawFd) -> io::Result<()> 
     }
 }
 
+/// Lowest port [`unused_ports`] hands out: above the mesh's own well-known ports (15000–15090).
+const RESERVED_PORTS_FLOOR: u16 = 16000;
+
+/// `n` distinct ports that are free on `ip` right now, for listeners whose numbers must be known
+/// before they are bound (peers are told in advance: test meshes, the benchmark). They come from
+/// below the kernel's ephemeral range (`ip_local_port_range`), so no outgoing connection's
+/// automatically chosen source port can take one between this call and the bind — the race
+/// that `bind(port 0)`, read, close has. Calls in one process never return the same port twice
+/// until the range wraps.
+pub fn unused_ports(ip: IpAddr, n: usize) -> io::Result<Vec<u16>> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+
+    let ceiling = ephemeral_range_start().max(RESERVED_PORTS_FLOOR + 1000);
+    let span = u32::from(ceiling - RESERVED_PORTS_FLOOR);
+    // Start each process somewhere else in the range so that concurrent test processes rarely
+    // probe the same ports.
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..span {
+        if out.len() == n {
+            return Ok(out);
+        }
+        let offset = CURSOR.fetch_add(1, Ordering::Relaxed) % span;
+        let port = RESERVED_PORTS_FLOOR + offset as u16;
+        // Free for a listener on `ip` and for one on the wildcard address.
+        let free = [ip, IpAddr::from([0u8; 4])]
+            .iter()
+            .all(|a| std::net::TcpListener::bind(SocketAddr::new(*a, port)).is_ok());
+        if free {
+            out.push(port);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no {n} free ports between {RESERVED_PORTS_FLOOR} and {ceiling} on {ip}"),
+    ))
+}
+
+/// First port of the kernel's ephemeral range (Linux default 32768).
+fn ephemeral_range_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
 /// Raise the soft open-file limit to the hard limit: a node proxy holds several descriptors
 /// per proxied connection.
 pub fn raise_fd_limit() -> io::Result<u64> {
@@ -232,6 +284,21 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unused_ports_are_distinct_free_and_below_the_ephemeral_range() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut ports = unused_ports(ip, 4).unwrap();
+        ports.extend(unused_ports(ip, 4).unwrap());
+        let start = ephemeral_range_start();
+        for p in &ports {
+            assert!((RESERVED_PORTS_FLOOR..start).contains(p), "{p}");
+            std::net::TcpListener::bind((ip, *p)).unwrap();
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 8);
+    }
 
     #[tokio::test]
     async fn connect_binds_loopback_source() {

@@ -411,10 +411,8 @@ impl Mesh {
                 .expect("ztunnel starts")
             }
         };
-        // Reserve the waypoint port: bind, read, release, then bind for real (same process).
-        let probe = std::net::TcpListener::bind(SocketAddr::new(ip(WP_IP), 0)).unwrap();
-        let wp_port = probe.local_addr().unwrap().port();
-        drop(probe);
+        // The waypoint's port goes into the mesh config before the waypoint binds it.
+        let wp_port = zmesh_core::socket::unused_ports(ip(WP_IP), 1).expect("a free port")[0];
         let yaml = mesh_yaml(wp_port, true);
         let b = start_zt("node-b", None, yaml.clone()).await;
         let pb = b.addrs.hbone.unwrap().port();

@@ -31,11 +31,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub const CONTROLLER_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/zmesh-controller";
 
 pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let ip = ip.parse().expect("an IP address");
+    zmesh_core::socket::unused_ports(ip, 1).expect("a free port")[0]
 }
 
 /// Addresses of one test's mesh.
