@@ -39,7 +39,8 @@ use crate::translate::{TranslateOptions, Translated};
 use crate::xds::cache::ResourceCache;
 use crate::xds::server::{AdsMetrics, AdsOptions, AdsServer, tcp_incoming, tls_incoming};
 
-/// A translation function (the real [`translate`] by default; tests may substitute).
+/// A translation function (the real [`crate::translate::translate`] by default; tests may
+/// substitute).
 pub type Translator = Arc<dyn Fn(&Snapshot, &TranslateOptions) -> Translated + Send + Sync>;
 
 /// Where and how the controller runs.

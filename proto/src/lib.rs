@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 #![allow(clippy::all, clippy::pedantic)]
+// Doc comments come from the .proto files, written for protobuf readers ("<ns>/<name>", [links]).
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 pub mod istio {
     pub mod workload {

@@ -31,9 +31,9 @@ pub enum L7StoreError {
 /// One immutable view of the L7 configuration.
 #[derive(Debug, Default)]
 pub struct L7Config {
-    /// Keyed by "<namespace>/<hostname>" (the resource name).
+    /// Keyed by `"<namespace>/<hostname>"` (the resource name).
     pub services: HashMap<String, Arc<l7::ServiceConfig>>,
-    /// Keyed by "<namespace>/<name>".
+    /// Keyed by `"<namespace>/<name>"`.
     pub authorizations: HashMap<String, Arc<l7::Authorization>>,
 }
 

@@ -1,7 +1,7 @@
 //! Waypoint L7 translation: Istio VirtualService / DestinationRule, Gateway API HTTPRoute /
 //! TCPRoute (GAMMA, `parentRefs` to a Service) and waypoint-bound AuthorizationPolicy →
-//! `zmesh.l7.v1.ServiceConfig` (one per service hostname, name "<ns>/<hostname>") and
-//! `zmesh.l7.v1.Authorization` (one per policy, name "<ns>/<name>"). See
+//! `zmesh.l7.v1.ServiceConfig` (one per service hostname, name `"<ns>/<hostname>"`) and
+//! `zmesh.l7.v1.Authorization` (one per policy, name `"<ns>/<name>"`). See
 //! `proto/protos/zmesh/l7/v1/l7.proto` for the meaning of every output field.
 //!
 //! # Semantics chosen
