@@ -13,8 +13,9 @@
 //! stream has been idle for the idle timeout, or the waypoint shuts down. Any other answer is
 //! an ordinary response.
 //!
-//! `h2c` is not forwarded (the Upgrade header is dropped as hop-by-hop, as before): it is an
-//! upgrade of this hop's connection to HTTP/2, not an end-to-end protocol. HTTP/2 downstream
+//! `h2c` is not forwarded: it is an upgrade of this hop's connection to HTTP/2, not an
+//! end-to-end protocol. It is removed from an `Upgrade` list that offers others
+//! (`websocket, h2c` goes upstream as `websocket`); alone, the header is dropped as hop-by-hop. HTTP/2 downstream
 //! (extended CONNECT, RFC 8441) is not supported: HTTP/2 forbids the `upgrade` header, which is
 //! dropped.
 //!
@@ -81,21 +82,40 @@ fn has_token(v: &HeaderValue, token: &[u8]) -> bool {
 }
 
 /// The `Upgrade` value to forward when this request asks to switch protocols: HTTP/1.1,
-/// `Connection: upgrade` and a non-empty `Upgrade` without `h2c`. A normal request costs a
-/// version compare and one header lookup.
+/// `Connection: upgrade` and an `Upgrade` offering some protocol other than `h2c` (which is
+/// taken out of the list). A normal request costs a version compare and one header lookup.
 pub fn requested(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
     if version != Version::HTTP_11 {
         return None;
     }
     let proto = headers.get(UPGRADE)?;
-    if proto.as_bytes().trim_ascii().is_empty() || has_token(proto, b"h2c") {
+    let proto = if has_token(proto, b"h2c") {
+        without_token(proto, b"h2c")?
+    } else if proto.as_bytes().trim_ascii().is_empty() {
         return None;
-    }
+    } else {
+        proto.clone()
+    };
     headers
         .get_all(CONNECTION)
         .iter()
         .any(|v| has_token(v, b"upgrade"))
-        .then(|| proto.clone())
+        .then_some(proto)
+}
+
+/// `v` without `token` and empty list items, `None` when nothing is left.
+fn without_token(v: &HeaderValue, token: &[u8]) -> Option<HeaderValue> {
+    let kept: Vec<&[u8]> = v
+        .as_bytes()
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(token))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    // The parts come from a valid header value, so the joined value is valid too.
+    HeaderValue::from_bytes(&kept.join(&b", "[..])).ok()
 }
 
 /// Bytes that went through an upgraded stream.
@@ -262,6 +282,17 @@ mod tests {
             ("upgrade", "custom/1"),
         ]);
         assert!(requested(Version::HTTP_11, &split).is_some());
+        // h2c is a hop-by-hop upgrade: taken out of a list that offers more.
+        let both = headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket, H2C,, custom/2"),
+        ]);
+        assert_eq!(
+            requested(Version::HTTP_11, &both)
+                .as_ref()
+                .map(|v| v.as_bytes()),
+            Some(&b"websocket, custom/2"[..])
+        );
         // HTTP/2 forbids Upgrade (RFC 9113 §8.2.2); HTTP/1.0 has none.
         assert!(requested(Version::HTTP_2, &ws).is_none());
         assert!(requested(Version::HTTP_10, &ws).is_none());
@@ -270,7 +301,7 @@ mod tests {
                 ("connection", "Upgrade, HTTP2-Settings"),
                 ("upgrade", "h2c"),
             ]),
-            headers(&[("connection", "upgrade"), ("upgrade", "websocket, H2C")]),
+            headers(&[("connection", "upgrade"), ("upgrade", "h2c, ,")]),
             headers(&[("upgrade", "websocket")]),
             headers(&[("connection", "upgrade-not"), ("upgrade", "websocket")]),
             headers(&[("connection", "upgrade"), ("upgrade", " ")]),
