@@ -3,8 +3,8 @@
 
 use prost::Message;
 use zmesh_proto::l7::{
-    Authorization, AuthzRule, FaultAbort, HttpRoute, OutlierDetection, RateLimit, RouteDestination,
-    ServiceConfig, Source, TcpRoute, http_route,
+    Authorization, AuthzRule, CorsPolicy, FaultAbort, HttpRoute, OutlierDetection, RateLimit,
+    RouteDestination, ServiceConfig, Source, TcpRoute, cors_policy, http_route,
 };
 
 /// (field number, wire type) of the first key of an encoded message.
@@ -78,6 +78,33 @@ fn l7_field_numbers() {
         },
         13,
         2,
+    );
+    check(
+        "HttpRoute.cors",
+        HttpRoute {
+            cors: Some(Default::default()),
+            ..Default::default()
+        },
+        14,
+        2,
+    );
+    check(
+        "CorsPolicy.allow_credentials",
+        CorsPolicy {
+            allow_credentials: true,
+            ..Default::default()
+        },
+        6,
+        0,
+    );
+    check(
+        "CorsPolicy.unmatched_preflights",
+        CorsPolicy {
+            unmatched_preflights: cors_policy::UnmatchedPreflights::Ignore as i32,
+            ..Default::default()
+        },
+        7,
+        0,
     );
     check(
         "RouteDestination.weight",

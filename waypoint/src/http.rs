@@ -1,5 +1,5 @@
 //! The HTTP pipeline of one request: L7 authz → route match → redirect/direct response →
-//! fault → rate limit → destination (weights, subset) → endpoint (LB, outlier detection) →
+//! CORS → fault → rate limit → destination (weights, subset) → endpoint (LB, outlier detection) →
 //! upstream with retries and timeouts; mirrors are fire-and-forget. Telemetry is recorded when
 //! the response body has been fully sent (or dropped).
 //!
@@ -125,6 +125,8 @@ struct Info {
     /// Set when the response is the last of exhausted retries: Envoy's `URX`.
     retries_exhausted: bool,
     route: String,
+    /// Set for an allowed cross-origin request: added to whatever response it gets.
+    cors: Option<crate::cors::ResponseHeaders>,
 }
 
 fn local_reply(status: u16, body: &str, flags: &'static str) -> (Response<RespBody>, &'static str) {
@@ -216,6 +218,7 @@ async fn handle(
         cluster: None,
         retries_exhausted: false,
         route: String::new(),
+        cors: None,
     };
     let known_len = parts
         .headers
@@ -234,7 +237,10 @@ async fn handle(
         ReqBody::Streaming(s) => info.req_streamed = Some(s.seen.clone()),
     }
     let proto = upgrade.as_ref().map(|(p, _)| p);
-    let (resp, flags, lease) = route_request(&inner, &ctx, &mut info, parts, body, proto).await;
+    let (mut resp, flags, lease) = route_request(&inner, &ctx, &mut info, parts, body, proto).await;
+    if let Some(cors) = info.cors.take() {
+        cors.apply(resp.headers_mut());
+    }
     match upgrade {
         Some((_, client)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             finish_upgrade(&inner, &ctx, info, resp, lease, client)
@@ -252,7 +258,8 @@ async fn route_request(
     upgrade: Option<&HeaderValue>,
 ) -> (Response<RespBody>, &'static str, Option<Lease>) {
     let l7cfg = inner.l7.load();
-    let svc_cfg = ctx.service.as_ref().and_then(|s| inner.service_config(s));
+    // From the same snapshot as the rest (the compiled CORS policies are looked up by it).
+    let svc_cfg = ctx.service.as_ref().and_then(|s| l7cfg.service_for(s));
     let path_q = parts
         .uri
         .path_and_query()
@@ -353,6 +360,19 @@ async fn route_request(
             return (r, f, None);
         }
     };
+    // 3b. CORS: after authz, before faults (Envoy's filter order); not for redirects and
+    // direct responses (Envoy's CORS filter skips those routes).
+    if let Some(policy) = svc_cfg.as_ref().and_then(|c| l7cfg.cors.policy(c, route)) {
+        match crate::cors::evaluate(policy, &parts.method, &parts.headers) {
+            crate::cors::Decision::Preflight(headers) => {
+                let mut r = Response::new(full(Bytes::new()));
+                *r.headers_mut() = headers;
+                return (r, "-", None);
+            }
+            crate::cors::Decision::Respond(h) => info.cors = Some(h),
+            crate::cors::Decision::Pass => {}
+        }
+    }
     // 4. Fault injection.
     if let Some(fault) = &route.fault {
         if let Some(d) = &fault.delay

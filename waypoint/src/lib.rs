@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod coalesce;
+pub mod cors;
 pub mod http;
 pub mod matcher;
 pub mod sniff;
@@ -468,8 +469,7 @@ impl Inner {
 
     /// The L7 config of a service, by key or hostname.
     pub fn service_config(&self, svc: &Service) -> Option<Arc<l7::ServiceConfig>> {
-        let c = self.l7.load();
-        c.service(&svc.key()).or_else(|| c.service(&svc.hostname))
+        self.l7.load().service_for(svc)
     }
 }
 

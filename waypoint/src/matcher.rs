@@ -106,12 +106,7 @@ impl RegexCache {
         } else {
             pattern
         };
-        // The controller's validation limit: a pattern it accepted compiles here too.
-        let compiled = RegexBuilder::new(source)
-            .size_limit(1 << 20)
-            .build()
-            .ok()
-            .map(Arc::new);
+        let compiled = build_regex(source).ok().map(Arc::new);
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= REGEX_CACHE_MAX {
             map.clear();
@@ -127,6 +122,18 @@ impl RegexCache {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+fn build_regex(source: &str) -> Result<Regex, regex::Error> {
+    // The controller's validation limit: a pattern it accepted compiles here too.
+    RegexBuilder::new(source).size_limit(1 << 20).build()
+}
+
+/// `pattern` compiled as a full-value matcher (`StringMatch.regex`), exactly as the cache
+/// compiles it, for matchers compiled once when their config is applied (CORS origins) rather
+/// than looked up per request.
+pub fn compile_full_match(pattern: &str) -> Result<Regex, regex::Error> {
+    build_regex(&format!("^(?:{pattern})$"))
 }
 
 fn header_value<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {

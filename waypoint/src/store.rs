@@ -11,8 +11,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use prost::Message;
+use zmesh_core::state::Service;
 use zmesh_core::xds::{ReceivedResource, ResourceError, ResourceHandler, XdsClient};
 use zmesh_proto::l7;
+
+use crate::cors::CorsIndex;
 
 /// Why a resource could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,8 @@ pub struct L7Config {
     pub services: HashMap<String, Arc<l7::ServiceConfig>>,
     /// Keyed by `"<namespace>/<name>"`.
     pub authorizations: HashMap<String, Arc<l7::Authorization>>,
+    /// The routes' CORS policies, compiled when their service config was applied.
+    pub cors: CorsIndex,
 }
 
 impl L7Config {
@@ -47,6 +52,12 @@ impl L7Config {
             .values()
             .find(|s| s.hostname == key_or_host)
             .cloned()
+    }
+
+    /// The config for `svc`: by its key ("ns/hostname"), else by its hostname.
+    pub fn service_for(&self, svc: &Service) -> Option<Arc<l7::ServiceConfig>> {
+        self.service(&svc.key())
+            .or_else(|| self.service(&svc.hostname))
     }
 }
 
@@ -130,9 +141,16 @@ impl L7Store {
         for e in &errors {
             tracing::warn!("{e}");
         }
+        // Only configs not seen before are compiled.
+        let cors = if type_url == zmesh_proto::L7_SERVICE_TYPE_URL {
+            CorsIndex::rebuild(services.values(), &old.cors)
+        } else {
+            old.cors.clone()
+        };
         self.current.store(Arc::new(L7Config {
             services,
             authorizations,
+            cors,
         }));
         errors
     }
@@ -268,5 +286,44 @@ mod tests {
         assert!(store.load().services.is_empty());
         let errs = store.apply_resources("type.googleapis.com/x", &[r("a", vec![])], &[]);
         assert_eq!(errs[0].name, "a");
+    }
+
+    #[test]
+    fn cors_policies_are_compiled_when_applied_and_kept_while_unchanged() {
+        let store = L7Store::new();
+        let svc = |host: &str| l7::ServiceConfig {
+            hostname: host.into(),
+            http_routes: vec![l7::HttpRoute {
+                cors: Some(l7::CorsPolicy {
+                    allow_origins: vec![l7::StringMatch {
+                        match_type: Some(l7::string_match::MatchType::Regex("https://.*".into())),
+                        ignore_case: false,
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = zmesh_proto::L7_SERVICE_TYPE_URL;
+        let put = |name: &str, host: &str| (name.to_string(), svc(host).encode_to_vec());
+        store.apply(t, &[put("default/a", "a")], &[], false);
+        let policy = |c: &L7Config| {
+            let a = c.service("default/a")?;
+            c.cors.policy(&a, &a.http_routes[0]).cloned()
+        };
+        let first = policy(&store.load()).expect("compiled on apply");
+        // Another service, then an authorization: `a`'s policy is not compiled again.
+        store.apply(t, &[put("default/b", "b")], &[], false);
+        store.apply(zmesh_proto::L7_AUTHZ_TYPE_URL, &[], &[], false);
+        let c = store.load();
+        assert!(Arc::ptr_eq(&first, &policy(&c).expect("kept")));
+        let b = c.service("default/b").expect("b");
+        assert!(c.cors.policy(&b, &b.http_routes[0]).is_some());
+        // A new version of `a` is compiled anew; a removed service leaves the index.
+        store.apply(t, &[put("default/a", "a")], &[], false);
+        assert!(!Arc::ptr_eq(&first, &policy(&store.load()).expect("new")));
+        store.apply(t, &[], &["default/a".into()], false);
+        assert!(policy(&store.load()).is_none());
     }
 }

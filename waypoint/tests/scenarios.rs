@@ -68,6 +68,194 @@ async fn count_versions(
     m
 }
 
+/// A19's `/internal/` route with `corsPolicy: {allowOrigins: [{exact: "*"}], ...}`, a route
+/// with a list of origins, and one with `unmatchedPreflights: IGNORE`. A stage of
+/// [`seeds_scenarios`] rather than a test of its own: the sample servers have fixed addresses,
+/// so two meshes cannot run at once.
+async fn cors_scenario(mesh: &Mesh) {
+    mesh.apply_l7(&vs(concat!(
+        "  http:\n",
+        "  - name: internal\n",
+        "    match:\n    - uri: {prefix: /internal/}\n",
+        "    corsPolicy:\n",
+        "      allowOrigins: [{exact: \"*\"}]\n",
+        "      allowMethods: [GET, POST]\n",
+        "      allowHeaders: [content-type, x-token]\n",
+        "      maxAge: 24h\n",
+        "      allowCredentials: true\n",
+        "    route:\n    - destination: {host: reviews, subset: v1}\n",
+        "  - name: strict\n",
+        "    match:\n    - uri: {prefix: /strict/}\n",
+        "    corsPolicy:\n",
+        "      allowOrigins: [{exact: https://app.example.com}]\n",
+        "      unmatchedPreflights: IGNORE\n",
+        "    route:\n    - destination: {host: reviews, subset: v1}\n",
+        "  - name: app\n",
+        "    corsPolicy:\n",
+        "      allowOrigins:\n",
+        "      - exact: https://app.example.com\n",
+        "      - regex: 'https://[a-z]+\\.example\\.org'\n",
+        "      allowMethods: [GET]\n",
+        "      exposeHeaders: [x-seen-path, x-seen-host]\n",
+        "    route:\n    - destination: {host: reviews, subset: v1}\n",
+    )));
+    let upstream_seen = || mesh.seen["v1"].lock().unwrap().len();
+    let hv = |r: &Resp, name: &str| {
+        r.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let answered_here = &[
+        ("response_code", "200"),
+        ("destination_workload", "unknown"),
+        ("reporter", "waypoint"),
+    ];
+    let before = metric_value(
+        &mesh.wp_metrics.encode(),
+        "istio_requests_total",
+        answered_here,
+    );
+    mesh.seen["v1"].lock().unwrap().clear();
+    let mut c = Client::connect(mesh).await;
+    let preflight = |origin: &'static str| {
+        [
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type"),
+        ]
+    };
+
+    // A preflight from any origin (`exact: "*"`) is answered by the waypoint.
+    let r = c
+        .request(
+            http::Method::OPTIONS,
+            "/internal/items",
+            &preflight("https://any.example"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, ""), "{r:?}");
+    assert_eq!(
+        hv(&r, "access-control-allow-origin").as_deref(),
+        Some("https://any.example")
+    );
+    assert_eq!(
+        hv(&r, "access-control-allow-methods").as_deref(),
+        Some("GET,POST")
+    );
+    assert_eq!(
+        hv(&r, "access-control-allow-headers").as_deref(),
+        Some("content-type,x-token")
+    );
+    assert_eq!(hv(&r, "access-control-max-age").as_deref(), Some("86400"));
+    assert_eq!(
+        hv(&r, "access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+    assert_eq!(upstream_seen(), 0, "a preflight is not forwarded");
+
+    // The actual request is forwarded and its response allows the origin.
+    let r = c
+        .get("/internal/items", &[("origin", "https://any.example")])
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "reviews-v1"), "{r:?}");
+    assert_eq!(
+        hv(&r, "access-control-allow-origin").as_deref(),
+        Some("https://any.example")
+    );
+    assert_eq!(
+        hv(&r, "access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+    assert_eq!(upstream_seen(), 1);
+
+    // The origin list: exact and regex origins are allowed, with the exposed headers.
+    for origin in ["https://app.example.com", "https://shop.example.org"] {
+        let r = c.get("/reviews/0", &[("origin", origin)]).await.unwrap();
+        assert_eq!(r.body, "reviews-v1");
+        assert_eq!(
+            hv(&r, "access-control-allow-origin").as_deref(),
+            Some(origin)
+        );
+        assert_eq!(
+            hv(&r, "access-control-expose-headers").as_deref(),
+            Some("x-seen-path,x-seen-host")
+        );
+        assert!(r.headers.get("access-control-allow-credentials").is_none());
+    }
+    // Another origin: forwarded, no CORS headers.
+    let r = c
+        .get("/reviews/0", &[("origin", "https://shop.example.org.evil")])
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "reviews-v1"));
+    assert!(
+        r.headers.get("access-control-allow-origin").is_none(),
+        "{r:?}"
+    );
+    assert!(r.headers.get("access-control-expose-headers").is_none());
+    // Its preflight is forwarded (unmatchedPreflights FORWARD, the default): the app answers.
+    let n = upstream_seen();
+    let r = c
+        .request(
+            http::Method::OPTIONS,
+            "/reviews/0",
+            &preflight("https://evil.example"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "reviews-v1"), "{r:?}");
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+    assert_eq!(
+        upstream_seen(),
+        n + 1,
+        "an unmatched preflight is forwarded"
+    );
+    // Without Origin: untouched.
+    let r = c.get("/reviews/0", &[]).await.unwrap();
+    assert_eq!(r.body, "reviews-v1");
+    assert!(
+        !r.headers
+            .keys()
+            .any(|k| k.as_str().starts_with("access-control-")),
+        "{r:?}"
+    );
+
+    // unmatchedPreflights: IGNORE: an unmatched preflight is answered here, allowing nothing.
+    let n = upstream_seen();
+    let r = c
+        .request(
+            http::Method::OPTIONS,
+            "/strict/x",
+            &preflight("https://evil.example"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, ""), "{r:?}");
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+    assert_eq!(upstream_seen(), n, "an ignored preflight is not forwarded");
+
+    // The two preflights answered here are counted (200, no destination workload).
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = metric_value(
+            &mesh.wp_metrics.encode(),
+            "istio_requests_total",
+            answered_here,
+        ) - before;
+        if counted >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        counted, 2.0,
+        "preflights answered by the waypoint are counted"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_scenarios() {
     let mesh = Mesh::start().await;
@@ -450,6 +638,8 @@ async fn seeds_scenarios() {
         Some("waypoint")
     );
     assert!(r.headers.get("x-seen-host").is_none(), "{:?}", r.headers);
+
+    cors_scenario(&mesh).await;
 
     // Request bodies that do not fit the replay buffer, or are still arriving, are streamed:
     // a 5 MiB upload (4 MiB buffer) goes through, and a full-duplex exchange flows chunk by

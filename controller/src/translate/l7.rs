@@ -1185,6 +1185,20 @@ fn vs_cors(c: &types::CorsPolicy, f: &str) -> Result<l7::CorsPolicy, FieldError>
         )?);
     }
     allow_origins.extend(c.allow_origin.iter().map(parse::exact));
+    use l7::cors_policy::UnmatchedPreflights;
+    let unmatched_preflights = match c.unmatched_preflights.as_deref() {
+        None | Some("UNSPECIFIED") => UnmatchedPreflights::Unspecified,
+        Some("FORWARD") => UnmatchedPreflights::Forward,
+        Some("IGNORE") => UnmatchedPreflights::Ignore,
+        Some(other) => {
+            return bad(
+                format!("{f}.unmatchedPreflights"),
+                Invalid::Bad(format!(
+                    "unknown value `{other}` (UNSPECIFIED, FORWARD, IGNORE)"
+                )),
+            );
+        }
+    };
     Ok(l7::CorsPolicy {
         allow_origins,
         allow_methods: c.allow_methods.clone(),
@@ -1192,6 +1206,7 @@ fn vs_cors(c: &types::CorsPolicy, f: &str) -> Result<l7::CorsPolicy, FieldError>
         expose_headers: c.expose_headers.clone(),
         max_age: opt_duration(&c.max_age, format!("{f}.maxAge"))?,
         allow_credentials: c.allow_credentials.unwrap_or(false),
+        unmatched_preflights: unmatched_preflights as i32,
     })
 }
 

@@ -192,6 +192,8 @@ pub struct CorsPolicy {
     pub expose_headers: Vec<String>,
     pub max_age: Option<String>,
     pub allow_credentials: Option<bool>,
+    /// `UNSPECIFIED` | `FORWARD` | `IGNORE`.
+    pub unmatched_preflights: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

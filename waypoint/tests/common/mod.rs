@@ -540,7 +540,19 @@ impl Client {
     }
 
     pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Resp, String> {
-        let mut b = hyper::Request::get(path).header("host", "reviews:9080");
+        self.request(http::Method::GET, path, headers).await
+    }
+
+    pub async fn request(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Resp, String> {
+        let mut b = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "reviews:9080");
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
