@@ -1184,7 +1184,11 @@ fn vs_cors(c: &types::CorsPolicy, f: &str) -> Result<l7::CorsPolicy, FieldError>
             &format!("{f}.allowOrigins[{i}]"),
         )?);
     }
-    allow_origins.extend(c.allow_origin.iter().map(parse::exact));
+    // The deprecated plain-string `allowOrigin` counts only when `allowOrigins` is absent
+    // (istiod's precedence), never in addition to it.
+    if c.allow_origins.is_empty() {
+        allow_origins.extend(c.allow_origin.iter().map(parse::exact));
+    }
     use l7::cors_policy::UnmatchedPreflights;
     let unmatched_preflights = match c.unmatched_preflights.as_deref() {
         None | Some("UNSPECIFIED") => UnmatchedPreflights::Unspecified,
