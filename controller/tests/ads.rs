@@ -14,8 +14,12 @@ use common::*;
 use zmesh_controller::ca::{TOKENS_DIR, write_bootstrap_token};
 use zmesh_controller::controller::{Controller, ControllerConfig};
 use zmesh_controller::xds::cache::ResourceCache;
+use zmesh_core::metrics::{Metrics, sample_sum};
 use zmesh_core::state::{ConfigSource, StateStore};
-use zmesh_core::xds::{ControlPlaneEndpoint, ControlPlaneTls, TokenSource, XdsClient, XdsConfig};
+use zmesh_core::xds::{
+    ControlPlaneEndpoint, ControlPlaneTls, TerminationReason, TokenSource, XdsClient, XdsConfig,
+    XdsMetrics,
+};
 use zmesh_proto::discovery::DeltaDiscoveryRequest;
 use zmesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
@@ -454,7 +458,11 @@ async fn xds_client_applies_deltas_nacks_garbage_and_survives_a_restart() {
     let port = h.addr;
     let store = StateStore::new();
     let stop = tokio_util::sync::CancellationToken::new();
-    let client = XdsClient::new(client_cfg(h.url())).with_stop(stop.clone());
+    let metrics = Metrics::new("ztunnel");
+    let xm = XdsMetrics::new(&metrics);
+    let client = XdsClient::new(client_cfg(h.url()))
+        .with_metrics(xm.clone())
+        .with_stop(stop.clone());
     let status = client.status();
     let st = store.clone();
     tokio::spawn(async move { Box::new(client).run(st).await });
@@ -463,6 +471,20 @@ async fn xds_client_applies_deltas_nacks_garbage_and_survives_a_restart() {
     assert!(store.read().policy("default/deny").is_some());
     let ip = "10.0.0.3".parse().unwrap();
     assert_eq!(store.read().workload_by_ip(ip).unwrap().name, "c");
+    // The controller's responses, as the client counts them: one per type so far.
+    let text = metrics.encode();
+    for t in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
+        let url = [("url", t)];
+        assert_eq!(
+            sample_sum(&text, "istio_xds_message_total", &url),
+            Some(1.0),
+            "{text}"
+        );
+        assert!(
+            sample_sum(&text, "istio_xds_message_bytes_total", &url).unwrap_or(0.0) > 0.0,
+            "{text}"
+        );
+    }
 
     // A resource that fails to decode is NACKed; the good ones of the same push apply.
     let mut ws = mesh();
@@ -494,6 +516,32 @@ async fn xds_client_applies_deltas_nacks_garbage_and_survives_a_restart() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.read().workloads().count(), 3);
     assert_eq!(store.read().workload_by_ip(ip).unwrap().name, "c");
+    // The controller ended the stream saying it is shutting down (Unavailable): Reconnect;
+    // the attempts while it is down are refused: ConnectionError.
+    assert_eq!(xm.terminations(TerminationReason::Reconnect), 1);
+    eventually("refused reconnects counted", || {
+        xm.terminations(TerminationReason::ConnectionError) >= 1
+    })
+    .await;
+    assert_eq!(xm.terminations(TerminationReason::Error), 0);
+    assert_eq!(xm.terminations(TerminationReason::Complete), 0);
+    let text = metrics.encode();
+    assert_eq!(
+        sample_sum(
+            &text,
+            "istio_xds_connection_terminations_total",
+            &[("reason", "Reconnect")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // Three Address pushes (initial, with garbage, removal), one Authorization.
+    let url = [("url", ADDRESS_TYPE_URL)];
+    assert_eq!(
+        sample_sum(&text, "istio_xds_message_total", &url),
+        Some(3.0),
+        "{text}"
+    );
 
     // Restart on the same port with the same data plus one change: the client resyncs, and
     // only the changed resource travels.

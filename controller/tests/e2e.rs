@@ -17,10 +17,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use zmesh_controller::ca::{TOKENS_DIR, write_bootstrap_token};
 use zmesh_controller::controller::{Controller, ControllerConfig};
 use zmesh_controller::store::{ObjectKey, ObjectStore};
+use zmesh_core::metrics::sample_sum;
 use zmesh_core::xds::{
     CaClient, CaClientConfig, ControlPlaneEndpoint, ControlPlaneTls, TokenSource, XdsClient,
     XdsConfig,
 };
+use zmesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use ztunnel::{Config, Ztunnel};
 
 const CLIENT_IP: &str = "127.0.0.10";
@@ -65,6 +67,23 @@ async fn socks_connect(socks: SocketAddr, src: IpAddr, dst: SocketAddr) -> TcpSt
     s.read_exact(&mut rep).await.unwrap();
     assert_eq!(rep[1], 0, "SOCKS5 CONNECT succeeded");
     s
+}
+
+/// `GET /metrics` from a ztunnel's Prometheus port: the body.
+async fn get_metrics(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("metrics answer in time")
+        .unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    body.to_string()
 }
 
 #[tokio::test]
@@ -145,6 +164,27 @@ async fn ztunnels_fed_by_the_controller_become_ready_and_tunnel() {
         let st = zt.state().read();
         assert_eq!(st.workloads().count(), 2);
         assert!(st.workload_by_ip(ECHO_IP.parse().unwrap()).is_some());
+    }
+    // Each ztunnel's /metrics (15020) counts the xDS responses of its sync, per type URL,
+    // and only for the types it subscribed to.
+    for zt in &zts {
+        let text = get_metrics(zt.addrs.metrics.unwrap()).await;
+        for t in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
+            let url = [("url", t)];
+            assert!(
+                sample_sum(&text, "istio_xds_message_total", &url).unwrap_or(0.0) >= 1.0,
+                "{t}: {text}"
+            );
+            assert!(
+                sample_sum(&text, "istio_xds_message_bytes_total", &url).unwrap_or(0.0) > 0.0,
+                "{t}: {text}"
+            );
+        }
+        let urls: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_xds_message_total{"))
+            .collect();
+        assert_eq!(urls.len(), 2, "{text}");
     }
 
     // Certificates for local workloads come from the controller; another node's are refused.

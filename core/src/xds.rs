@@ -12,6 +12,10 @@
 //! disconnected the state is kept and served; reconnects back off exponentially with jitter
 //! (100 ms → 15 s). The store is marked synced after the first response of every type.
 //!
+//! **Metrics** ([`XdsMetrics`], Istio's `istio_xds_*`): streams ended per [`TerminationReason`],
+//! responses and their encoded bytes per type URL. The proxies register them when their
+//! config source is an `XdsClient` ([`ConfigSource::register_metrics`]).
+//!
 //! **Extra types**: [`XdsClient::with_extra_type`] subscribes (wildcard) to another type URL
 //! whose resources go to a [`ResourceHandler`] instead of the [`StateStore`] (the waypoint's
 //! L7 configuration). The handler gets each response's upserts and removals in one call and
@@ -39,6 +43,11 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::{
+    EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prost::Message;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_name;
@@ -63,6 +72,7 @@ use zmesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
 use crate::certs::{CertError, CertificateProvider};
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::state::{ConfigSource, Policy, Service, StateError, StateStore, StateUpdate, Workload};
 
 /// Largest xDS response accepted (Istio's ztunnel: 200 MiB).
@@ -570,6 +580,133 @@ impl XdsStatus {
     }
 }
 
+/// Why an ADS stream ended: the `reason` label of `istio_xds_connection_terminations_total`,
+/// with Istio's values. How our failures map onto them is in [`stream_termination`] and
+/// `XdsClient::session_inner`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum TerminationReason {
+    /// The stream could not be opened, or the connection under it failed.
+    ConnectionError,
+    /// The server ended the stream with a gRPC error status.
+    Error,
+    /// The stream ended so that we reconnect at once: the server said it is going away and
+    /// expects us back. (Istio also counts streams its client drops itself, e.g. on a new
+    /// token; ours never drops a working stream.)
+    Reconnect,
+    /// The server ended the stream cleanly (gRPC status OK).
+    Complete,
+}
+
+impl TerminationReason {
+    /// Istio's label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TerminationReason::ConnectionError => "ConnectionError",
+            TerminationReason::Error => "Error",
+            TerminationReason::Reconnect => "Reconnect",
+            TerminationReason::Complete => "Complete",
+        }
+    }
+}
+
+impl EncodeLabelValue for TerminationReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct ReasonLabel {
+    reason: TerminationReason,
+}
+
+impl EncodeLabelSet for ReasonLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
+        ("reason", self.reason).encode(encoder.encode_label())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct UrlLabel {
+    url: String,
+}
+
+impl EncodeLabelSet for UrlLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
+        ("url", self.url.as_str()).encode(encoder.encode_label())
+    }
+}
+
+/// `url` of responses whose type URL the client did not subscribe to (they are NACKed): a
+/// misbehaving server cannot grow the label set without bound.
+pub const UNSUBSCRIBED_URL_LABEL: &str = "unknown";
+
+/// Istio's xDS client metrics. Clones share the counters; give them to a client with
+/// [`XdsClient::with_metrics`] (the proxies do it through [`ConfigSource::register_metrics`]).
+#[derive(Clone, Debug, Default)]
+pub struct XdsMetrics {
+    /// `istio_xds_connection_terminations_total{reason}`
+    terminations: Family<ReasonLabel, Counter>,
+    /// `istio_xds_message_total{url}`
+    messages: Family<UrlLabel, Counter>,
+    /// `istio_xds_message_bytes_total{url}`
+    message_bytes: Family<UrlLabel, Counter>,
+}
+
+impl XdsMetrics {
+    /// New counters, registered in `metrics` under the `istio_` prefix.
+    pub fn new(metrics: &Metrics) -> Self {
+        let m = XdsMetrics::default();
+        metrics.with_registry(|r| {
+            let istio = r.sub_registry_with_prefix("istio");
+            istio.register(
+                "xds_connection_terminations",
+                "Streams to the xDS server that ended, by reason",
+                m.terminations.clone(),
+            );
+            istio.register(
+                "xds_message",
+                "xDS responses received, by type URL",
+                m.messages.clone(),
+            );
+            istio.register(
+                "xds_message_bytes",
+                "Protobuf-encoded size of the xDS responses received, by type URL",
+                m.message_bytes.clone(),
+            );
+        });
+        m
+    }
+
+    /// Streams that ended for `reason` so far.
+    pub fn terminations(&self, reason: TerminationReason) -> u64 {
+        self.terminations
+            .get(&ReasonLabel { reason })
+            .map_or(0, |c| c.get())
+    }
+
+    fn record_termination(&self, reason: TerminationReason) {
+        self.terminations
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Count one response (before it is applied: NACKed ones were received too).
+    fn record_response(&self, resp: &DeltaDiscoveryResponse, subscribed: &[String]) {
+        let url = if subscribed.contains(&resp.type_url) {
+            resp.type_url.clone()
+        } else {
+            UNSUBSCRIBED_URL_LABEL.to_string()
+        };
+        let label = UrlLabel { url };
+        self.messages.get_or_create(&label).inc();
+        // usize → u64 never truncates on the targets we build for.
+        self.message_bytes
+            .get_or_create(&label)
+            .inc_by(resp.encoded_len() as u64);
+    }
+}
+
 /// One resource of an extra type as received: name, version and the encoded body
 /// (`Any.value`, whose type URL has already been checked against the response's).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -618,6 +755,7 @@ pub struct XdsClient {
     status: Arc<XdsStatus>,
     /// Extra type URLs and their handlers (not in `cfg.types`).
     extra: Vec<(String, Arc<dyn ResourceHandler>)>,
+    metrics: Option<XdsMetrics>,
 }
 
 impl XdsClient {
@@ -627,7 +765,15 @@ impl XdsClient {
             stop: CancellationToken::new(),
             status: Arc::default(),
             extra: Vec::new(),
+            metrics: None,
         }
+    }
+
+    /// Record Istio's `istio_xds_*` metrics in `metrics` (registered by their creator, see
+    /// [`XdsMetrics::new`]).
+    pub fn with_metrics(mut self, metrics: XdsMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Also subscribe (wildcard) to `type_url`, handing its resources to `handler` instead of
@@ -863,28 +1009,65 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + f * 0.5)
 }
 
+/// How a stream ended, other than by `stop`: what to count and what to log.
+type Ended = (TerminationReason, XdsError);
+
+/// Who ended a stream that failed with `s` after it had opened, in Istio's terms.
+///
+/// tonic attaches the local error (connection reset, EOF, keepalive timeout, h2 error) as the
+/// status' source when it made the status itself; a status the server sent in its trailers has
+/// none. So:
+/// - a source: the transport failed under the stream (the control plane died, the network
+///   broke), whatever code tonic chose → `ConnectionError`;
+/// - `Unavailable`, `Cancelled`, `DeadlineExceeded` or `Unknown` from the server: it is going
+///   away and expects us back (our controller's shutdown, istiod's connection age limit, a
+///   proxy resetting the stream); Istio's client counts these as `Reconnect` too;
+/// - any other code from the server (`InvalidArgument`, `PermissionDenied`, ...) → `Error`.
+fn stream_termination(s: &tonic::Status) -> TerminationReason {
+    use std::error::Error as _;
+    if s.source().is_some() {
+        return TerminationReason::ConnectionError;
+    }
+    match s.code() {
+        tonic::Code::Unavailable
+        | tonic::Code::Cancelled
+        | tonic::Code::DeadlineExceeded
+        | tonic::Code::Unknown => TerminationReason::Reconnect,
+        _ => TerminationReason::Error,
+    }
+}
+
 impl XdsClient {
-    /// One stream: `(received at least one response, how it ended)`.
+    /// One stream: `(received at least one response, how it ended)`; `Ok` when stopped.
     async fn session(
         &self,
         store: &StateStore,
         held: &mut HeldResources,
-    ) -> (bool, Result<(), XdsError>) {
+    ) -> (bool, Result<(), Ended>) {
         let mut got_response = false;
         let r = self.session_inner(store, held, &mut got_response).await;
         self.status.connected.store(false, Ordering::Relaxed);
         (got_response, r)
     }
 
+    /// Runs one stream. Each way out names its [`TerminationReason`]; in short:
+    /// - the stream never opened (bad channel settings, unreadable token, no response headers
+    ///   within `open_timeout`, refused, TLS failure, or a status instead of headers) →
+    ///   `ConnectionError`, as Istio's client counts any failure to open the stream;
+    /// - the stream failed after opening → [`stream_termination`];
+    /// - the server ended the response stream with status OK → `Complete`;
+    /// - our ACKs could no longer be sent (tonic dropped the request stream: the HTTP/2 stream
+    ///   or connection is gone) → `ConnectionError`.
     async fn session_inner(
         &self,
         store: &StateStore,
         held: &mut HeldResources,
         got_response: &mut bool,
-    ) -> Result<(), XdsError> {
+    ) -> Result<(), Ended> {
+        let conn = |e: XdsError| (TerminationReason::ConnectionError, e);
         let cfg = &self.cfg;
         let address = cfg.endpoint.address.clone();
-        let channel = cfg.endpoint.channel()?;
+        let channel = cfg.endpoint.channel().map_err(conn)?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let all_types = self.type_urls();
@@ -908,13 +1091,13 @@ impl XdsClient {
         }
         let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let mut req = tonic::Request::new(outbound);
-        auth_metadata(req.metadata_mut(), &cfg.token, cfg.cluster_id.as_deref())?;
+        auth_metadata(req.metadata_mut(), &cfg.token, cfg.cluster_id.as_deref()).map_err(conn)?;
         let open = client.delta_aggregated_resources(req);
         let mut inbound = tokio::select! {
             _ = self.stop.cancelled() => return Ok(()),
             r = tokio::time::timeout(cfg.open_timeout, open) => match r {
-                Err(_) => return Err(XdsError::Timeout { address, timeout: cfg.open_timeout }),
-                Ok(Err(s)) => return Err(stream_err(&address, s)),
+                Err(_) => return Err(conn(XdsError::Timeout { address, timeout: cfg.open_timeout })),
+                Ok(Err(s)) => return Err(conn(stream_err(&address, s))),
                 Ok(Ok(resp)) => resp.into_inner(),
             },
         };
@@ -928,11 +1111,16 @@ impl XdsClient {
             };
             let resp = match msg {
                 Ok(Some(r)) => r,
-                Ok(None) => return Err(XdsError::Closed { address }),
-                Err(s) => return Err(stream_err(&address, s)),
+                Ok(None) => {
+                    return Err((TerminationReason::Complete, XdsError::Closed { address }));
+                }
+                Err(s) => return Err((stream_termination(&s), stream_err(&address, s))),
             };
             *got_response = true;
             self.status.responses.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &self.metrics {
+                m.record_response(&resp, &all_types);
+            }
             debug!(type_url = %resp.type_url, version = %resp.system_version_info,
                 resources = resp.resources.len(), removed = resp.removed_resources.len(), "xDS response");
             let handler = self.handler(&resp.type_url);
@@ -951,7 +1139,7 @@ impl XdsClient {
                 }
             }
             if tx.send(ack).await.is_err() {
-                return Err(XdsError::Closed { address });
+                return Err(conn(XdsError::Closed { address }));
             }
         }
     }
@@ -986,8 +1174,14 @@ impl ConfigSource for XdsClient {
             match result {
                 Ok(()) => warn!(address = %self.cfg.endpoint.address,
                     "xDS stream ended; reconnecting (keeping the last configuration)"),
-                Err(e) => {
-                    warn!("{e}; reconnecting in about {backoff:?} (keeping the last configuration)")
+                Err((reason, e)) => {
+                    if let Some(m) = &self.metrics {
+                        m.record_termination(reason);
+                    }
+                    warn!(
+                        reason = reason.as_str(),
+                        "{e}; reconnecting in about {backoff:?} (keeping the last configuration)"
+                    )
                 }
             }
             let delay = jitter(backoff);
@@ -1001,6 +1195,14 @@ impl ConfigSource for XdsClient {
 
     fn name(&self) -> &str {
         "xds"
+    }
+
+    fn register_metrics(&mut self, metrics: &Metrics) {
+        // why: metrics given with `with_metrics` were registered by whoever made them;
+        // registering them again would print every series twice.
+        if self.metrics.is_none() {
+            self.metrics = Some(XdsMetrics::new(metrics));
+        }
     }
 }
 
@@ -1225,6 +1427,44 @@ mod tests {
         assert_eq!(rec.0.lock().unwrap()[1].1, vec!["good"]);
         // The state store was never touched.
         assert!(!store.is_synced());
+    }
+
+    #[test]
+    fn stream_endings_map_to_istio_termination_reasons() {
+        use TerminationReason::*;
+        use tonic::{Code, Status};
+        // Sent by the server: "come back" codes, then real errors.
+        for code in [
+            Code::Unavailable,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::Unknown,
+        ] {
+            assert_eq!(
+                stream_termination(&Status::new(code, "x")),
+                Reconnect,
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+            Code::Internal,
+            Code::ResourceExhausted,
+        ] {
+            assert_eq!(
+                stream_termination(&Status::new(code, "x")),
+                Error,
+                "{code:?}"
+            );
+        }
+        // Made by tonic from a local transport error (it keeps the error as the source).
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let s = Status::from_error(Box::new(reset));
+        assert_eq!(stream_termination(&s), ConnectionError, "{s:?}");
+        assert_eq!(ConnectionError.as_str(), "ConnectionError");
+        assert_eq!(Complete.as_str(), "Complete");
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl App {
     /// `xds` (the client's status) is shown in `/config_dump`.
     pub async fn start(
         cfg: AppConfig,
-        source: Box<dyn ConfigSource>,
+        mut source: Box<dyn ConfigSource>,
         l7: Arc<L7Store>,
         provider: Arc<dyn CertificateProvider>,
         xds: Option<Arc<XdsStatus>>,
@@ -175,6 +175,8 @@ impl App {
         let config_ready = readiness.register("config");
         let cert_ready = readiness.register("certificate");
         let metrics = Metrics::new("waypoint");
+        // The xDS client's `istio_xds_*` (none for a static source), as Istio registers them.
+        source.register_metrics(&metrics);
         let state = StateStore::new();
         let certs = CertificateManager::new(provider, cfg.cert_lifetime);
         let servers = CancellationToken::new();

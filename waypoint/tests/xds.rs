@@ -15,6 +15,15 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xds_mesh::*;
+use zmesh_core::metrics::sample_sum;
+
+/// What the waypoint subscribes to: the state store's types and the L7 ones.
+const XDS_TYPES: [&str; 4] = [
+    zmesh_proto::ADDRESS_TYPE_URL,
+    zmesh_proto::AUTHORIZATION_TYPE_URL,
+    zmesh_proto::L7_SERVICE_TYPE_URL,
+    zmesh_proto::L7_AUTHZ_TYPE_URL,
+];
 
 async fn count(mesh: &XdsMesh, n: usize) -> HashMap<String, usize> {
     let mut m = HashMap::new();
@@ -38,6 +47,27 @@ async fn virtual_service_change_is_pushed_to_the_waypoint_over_xds() {
     assert!(status.synced.load(Ordering::Relaxed));
     let ready = wp.addrs.readiness.unwrap();
     assert_eq!(local_get(ready, "/healthz/ready").await.unwrap().0, 200);
+
+    // /metrics (15020) counts the xDS responses of the sync for each of the four types.
+    let metrics = wp.addrs.metrics.unwrap();
+    let (code, text) = local_get(metrics, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    let xds_messages = |text: &str, t: &str| {
+        sample_sum(text, "istio_xds_message_total", &[("url", t)]).unwrap_or(0.0)
+    };
+    for t in XDS_TYPES {
+        assert!(xds_messages(&text, t) >= 1.0, "{t}: {text}");
+        assert!(
+            sample_sum(&text, "istio_xds_message_bytes_total", &[("url", t)]).unwrap_or(0.0) > 0.0,
+            "{t}: {text}"
+        );
+    }
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("istio_xds_message_total{"))
+        .count();
+    assert_eq!(series, XDS_TYPES.len(), "{text}");
+    let l7_before = xds_messages(&text, zmesh_proto::L7_SERVICE_TYPE_URL);
 
     // The L7 config it holds is visible in /config_dump.
     let admin = wp.addrs.admin.unwrap();
@@ -68,6 +98,17 @@ async fn virtual_service_change_is_pushed_to_the_waypoint_over_xds() {
         "pushed on the same stream"
     );
     assert_eq!(status.nacks_sent.load(Ordering::Relaxed), 0);
+    // The route change came as one more ServiceConfig response, on the same stream.
+    let (_, text) = local_get(metrics, "/metrics").await.unwrap();
+    assert!(
+        xds_messages(&text, zmesh_proto::L7_SERVICE_TYPE_URL) > l7_before,
+        "{text}"
+    );
+    assert_eq!(
+        sample_sum(&text, "istio_xds_connection_terminations_total", &[]),
+        None,
+        "{text}"
+    );
     let (_, dump) = local_get(admin, "/config_dump").await.unwrap();
     let dump: String = dump.split_whitespace().collect();
     assert!(dump.contains("\"subset\":\"v2\""), "{dump}");

@@ -220,13 +220,15 @@ impl Ztunnel {
     /// readiness follows when the config source has synced.
     pub async fn start(
         cfg: Config,
-        source: Box<dyn ConfigSource>,
+        mut source: Box<dyn ConfigSource>,
         ca: Arc<dyn CertificateProvider>,
         logs: Option<LogHandle>,
     ) -> Result<Ztunnel, AppError> {
         let readiness = Readiness::new();
         let config_ready = readiness.register("config");
         let metrics = Metrics::new("ztunnel");
+        // The xDS client's `istio_xds_*` (nothing for a local file), as Istio registers them.
+        source.register_metrics(&metrics);
         let state = StateStore::new();
         // Created here, on the control runtime: certificate fetches and renewals run here
         // whichever worker first asks.

@@ -17,6 +17,8 @@ mod workload;
 
 use std::sync::Arc;
 
+use crate::metrics::Metrics;
+
 pub use local::{LocalConfig, LocalLoad, Reloader};
 pub use policy::{
     Clause, Match, PEER_AUTHENTICATION_PREFIX, Policy, PolicyAction, PolicyScope, Rule,
@@ -89,7 +91,8 @@ impl FieldError {
     }
 }
 
-/// The seam where configuration comes in: a local YAML file now, xDS later.
+/// The seam where configuration comes in: a local YAML file or xDS
+/// ([`XdsClient`](crate::xds::XdsClient)).
 #[async_trait::async_trait]
 pub trait ConfigSource: Send + 'static {
     /// Runs until cancelled (dropped), applying updates to `store`; calls
@@ -98,4 +101,9 @@ pub trait ConfigSource: Send + 'static {
 
     /// A short name for logs.
     fn name(&self) -> &str;
+
+    /// Register the source's own metrics in the proxy's registry. The proxies call this once,
+    /// before [`run`](Self::run), so a source's metrics appear only when that source is in use
+    /// (Istio registers `istio_xds_*` only when it runs an xDS client). Default: none.
+    fn register_metrics(&mut self, _metrics: &Metrics) {}
 }
