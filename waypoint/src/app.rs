@@ -112,7 +112,11 @@ struct Dump {
 
 impl AdminHandler for Dump {
     fn stats(&self) -> Option<String> {
-        Some(self.inner.upstreams.stats_text())
+        let mut s = self.inner.upstreams.stats_text();
+        if let Some(t) = &self.inner.tracer {
+            s.push_str(&t.stats_text());
+        }
+        Some(s)
     }
 
     fn config_dump(&self) -> serde_json::Value {

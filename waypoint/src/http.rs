@@ -125,6 +125,8 @@ struct Info {
     /// Set when the response is the last of exhausted retries: Envoy's `URX`.
     retries_exhausted: bool,
     route: String,
+    /// The waypoint's span, when tracing is on and the request is sampled.
+    trace: Option<Box<crate::trace::ActiveSpan>>,
 }
 
 fn local_reply(status: u16, body: &str, flags: &'static str) -> (Response<RespBody>, &'static str) {
@@ -193,6 +195,12 @@ async fn handle(
                 .map(str::to_string)
         })
         .unwrap_or_default();
+    // Tracing (only with an exporter configured): join or start the trace, rewrite the trace
+    // headers for the upstream; a span only when sampled.
+    let trace = inner
+        .tracer
+        .as_ref()
+        .and_then(|t| t.start_request(&mut parts.headers, &parts.uri, &authority));
     let mut info = Info {
         started,
         method: parts.method.to_string(),
@@ -216,6 +224,7 @@ async fn handle(
         cluster: None,
         retries_exhausted: false,
         route: String::new(),
+        trace,
     };
     let known_len = parts
         .headers
@@ -1254,6 +1263,30 @@ impl Done {
         waypoint
             .l7_metrics
             .record(&labels, ms, req_bytes, resp_bytes);
+        if let (Some(tracer), Some(span)) = (&waypoint.tracer, info.trace) {
+            let target = ctx.target.to_string();
+            let host = if info.service.is_empty() {
+                target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h)
+            } else {
+                &info.service
+            };
+            tracer.finish(
+                *span,
+                &crate::trace::Outcome {
+                    host,
+                    port: ctx.port,
+                    method: &info.method,
+                    protocol: info.protocol,
+                    status: code,
+                    response_flags: flags,
+                    upstream_cluster: info.cluster.as_ref().map(|c| c.name.as_str()),
+                    request_id: &info.request_id,
+                    request_size: req_bytes,
+                    response_size: resp_bytes,
+                    peer: ctx.client_addr.ip(),
+                },
+            );
+        }
         tracing::info!(
             target: "access",
             direction = "waypoint",

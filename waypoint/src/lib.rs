@@ -12,8 +12,8 @@
 //! Layout: [`sniff`] protocol detection, [`matcher`] matching and L7 authz, [`http`] the
 //! request pipeline, [`upgrade`] HTTP/1.1 Upgrade (WebSocket) forwarding, [`upstream`]
 //! clusters/LB/outlier detection/connection pools, [`stats`]
-//! Istio metrics, [`app`] the process around it (xDS, certificates, admin, readiness, drain)
-//! used by the `waypoint` binary.
+//! Istio metrics, [`trace`] spans and their OTLP export, [`app`] the process around it (xDS,
+//! certificates, admin, readiness, drain) used by the `waypoint` binary.
 
 pub mod app;
 pub mod coalesce;
@@ -22,6 +22,7 @@ pub mod matcher;
 pub mod sniff;
 pub mod stats;
 pub mod store;
+pub mod trace;
 pub mod upgrade;
 pub mod upstream;
 
@@ -62,6 +63,8 @@ pub enum WaypointError {
     Bind(#[from] SocketError),
     #[error("waypoint: {0}")]
     Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Tracing(#[from] trace::TraceError),
 }
 
 /// Waypoint settings.
@@ -93,6 +96,8 @@ pub struct Config {
     /// (`SO_REUSEPORT`) and upstream pool ([`zmesh_core::worker`]). 0: serve on the caller's
     /// runtime.
     pub workers: usize,
+    /// Spans exported over OTLP; `None`: no tracing at all (trace headers pass untouched).
+    pub tracing: Option<trace::TracingConfig>,
 }
 
 impl Config {
@@ -111,6 +116,7 @@ impl Config {
             max_header_bytes: 64 << 10,
             header_read_timeout: Duration::from_secs(10),
             workers: 0,
+            tracing: None,
         }
     }
 }
@@ -125,6 +131,8 @@ pub struct Inner {
     pub metrics: Arc<Metrics>,
     pub l7_metrics: Arc<L7Metrics>,
     pub(crate) buckets: Mutex<HashMap<String, http::Bucket>>,
+    /// Present only when tracing is configured.
+    pub tracer: Option<Arc<trace::Tracer>>,
     pub drain: Drain,
     /// Cancelled once draining is over: worker runtimes then stop (dropping what is left).
     stopped: CancellationToken,
@@ -182,6 +190,21 @@ impl Waypoint {
             cfg.workers,
         );
         certs.prefetch(&cfg.identity);
+        let stopped = CancellationToken::new();
+        // The exporter runs on this (the control) runtime, until the workers have stopped.
+        let tracer = match &cfg.tracing {
+            Some(t) => Some(trace::Tracer::start(
+                t,
+                &trace::WaypointIdentity {
+                    gateway_name: &cfg.gateway_name,
+                    gateway_namespace: &cfg.gateway_namespace,
+                    trust_domain: cfg.identity.trust_domain(),
+                    ip: hbone_addr.ip(),
+                },
+                stopped.clone(),
+            )?),
+            None => None,
+        };
         let inner = Arc::new(Inner {
             l7_metrics: L7Metrics::register(&metrics),
             cfg: cfg.clone(),
@@ -191,8 +214,9 @@ impl Waypoint {
             upstreams,
             metrics,
             buckets: Mutex::new(HashMap::new()),
+            tracer,
             drain: Drain::new(),
-            stopped: CancellationToken::new(),
+            stopped,
         });
         // `connectionPool.http.idleTimeout`: a sweep closes upstream connections left idle
         // too long (checking only on reuse would keep unused ones open for ever).
