@@ -99,3 +99,6 @@ pub const L7_SERVICE_TYPE_URL: &str = "type.googleapis.com/zmesh.l7.v1.ServiceCo
 /// Type URL of zmesh waypoint L7 authorization policies (`zmesh.l7.v1.Authorization`, resource
 /// name "<namespace>/<policy name>").
 pub const L7_AUTHZ_TYPE_URL: &str = "type.googleapis.com/zmesh.l7.v1.Authorization";
+/// Type URL of a waypoint's resolved telemetry (`zmesh.l7.v1.WaypointTelemetry`, resource name
+/// "<namespace>/<gateway name>").
+pub const L7_TELEMETRY_TYPE_URL: &str = "type.googleapis.com/zmesh.l7.v1.WaypointTelemetry";
