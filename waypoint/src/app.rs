@@ -113,7 +113,7 @@ struct Dump {
 impl AdminHandler for Dump {
     fn stats(&self) -> Option<String> {
         let mut s = self.inner.upstreams.stats_text();
-        if let Some(t) = &self.inner.tracer {
+        if let Some(t) = self.inner.tracer.get() {
             s.push_str(&t.stats_text());
         }
         Some(s)
@@ -135,6 +135,10 @@ impl AdminHandler for Dump {
             "l7": self.l7.dump(),
             "state": self.state.read().dump(),
             "certificates": self.certs.dump(),
+            "tracing": self.inner.tracer.get().map(|t| serde_json::json!({
+                "otlp_endpoint": t.endpoint(),
+                "sampling_percent": t.sampling_percent(),
+            })),
         })
     }
 }

@@ -195,10 +195,11 @@ async fn handle(
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    // Tracing (only with an exporter configured): join or start the trace, rewrite the trace
-    // headers for the upstream; a span only when sampled.
+    // Tracing (only while an exporter is configured): join or start the trace, rewrite the
+    // trace headers for the upstream; a span only when sampled.
     let trace = inner
         .tracer
+        .load()
         .as_ref()
         .and_then(|t| t.start_request(&mut parts.headers, &parts.uri, &authority));
     let mut info = Info {
@@ -1263,7 +1264,9 @@ impl Done {
         waypoint
             .l7_metrics
             .record(&labels, ms, req_bytes, resp_bytes);
-        if let (Some(tracer), Some(span)) = (&waypoint.tracer, info.trace) {
+        if let Some(span) = info.trace
+            && let Some(tracer) = &*waypoint.tracer.load()
+        {
             let target = ctx.target.to_string();
             let host = if info.service.is_empty() {
                 target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h)

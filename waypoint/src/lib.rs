@@ -96,8 +96,13 @@ pub struct Config {
     /// (`SO_REUSEPORT`) and upstream pool ([`zmesh_core::worker`]). 0: serve on the caller's
     /// runtime.
     pub workers: usize,
-    /// Spans exported over OTLP; `None`: no tracing at all (trace headers pass untouched).
+    /// Spans exported over OTLP, fixed (flags). `None`: the control plane decides (the
+    /// `WaypointTelemetry` of this Gateway); without it, no tracing at all (trace headers pass
+    /// untouched).
     pub tracing: Option<trace::TracingConfig>,
+    /// Settings of a tracer the control plane turns on (its endpoint and sampling replace
+    /// these).
+    pub tracing_defaults: trace::TracingConfig,
 }
 
 impl Config {
@@ -117,6 +122,7 @@ impl Config {
             header_read_timeout: Duration::from_secs(10),
             workers: 0,
             tracing: None,
+            tracing_defaults: trace::TracingConfig::new(""),
         }
     }
 }
@@ -131,8 +137,8 @@ pub struct Inner {
     pub metrics: Arc<Metrics>,
     pub l7_metrics: Arc<L7Metrics>,
     pub(crate) buckets: Mutex<HashMap<String, http::Bucket>>,
-    /// Present only when tracing is configured.
-    pub tracer: Option<Arc<trace::Tracer>>,
+    /// Empty unless tracing is on (flags, or the control plane).
+    pub tracer: Arc<trace::TracerSlot>,
     pub drain: Drain,
     /// Cancelled once draining is over: worker runtimes then stop (dropping what is left).
     stopped: CancellationToken,
@@ -191,20 +197,31 @@ impl Waypoint {
         );
         certs.prefetch(&cfg.identity);
         let stopped = CancellationToken::new();
-        // The exporter runs on this (the control) runtime, until the workers have stopped.
-        let tracer = match &cfg.tracing {
-            Some(t) => Some(trace::Tracer::start(
-                t,
-                &trace::WaypointIdentity {
-                    gateway_name: &cfg.gateway_name,
-                    gateway_namespace: &cfg.gateway_namespace,
-                    trust_domain: cfg.identity.trust_domain(),
-                    ip: hbone_addr.ip(),
-                },
-                stopped.clone(),
-            )?),
-            None => None,
+        // Exporters run on this (the control) runtime, until the workers have stopped.
+        let tracer = Arc::new(trace::TracerSlot::default());
+        let trace_id = trace::WaypointIdentity {
+            gateway_name: cfg.gateway_name.clone(),
+            gateway_namespace: cfg.gateway_namespace.clone(),
+            trust_domain: cfg.identity.trust_domain().to_string(),
+            ip: hbone_addr.ip(),
         };
+        match &cfg.tracing {
+            Some(t) => {
+                let stop = stopped.child_token();
+                let started = trace::Tracer::start(t, &trace_id, stop.clone())?;
+                tracer.set(Some((started, stop)));
+            }
+            None => {
+                tokio::spawn(trace::follow(
+                    tracer.clone(),
+                    l7.clone(),
+                    format!("{}/{}", cfg.gateway_namespace, cfg.gateway_name),
+                    cfg.tracing_defaults.clone(),
+                    trace_id,
+                    stopped.clone(),
+                ));
+            }
+        }
         let inner = Arc::new(Inner {
             l7_metrics: L7Metrics::register(&metrics),
             cfg: cfg.clone(),

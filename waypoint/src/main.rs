@@ -94,7 +94,8 @@ struct Args {
     /// listener and upstream connections; default: the number of available cores.
     #[arg(long, env = "WAYPOINT_CONCURRENCY")]
     concurrency: Option<usize>,
-    /// OTLP/gRPC collector to export spans to (http://host:4317). Without it the waypoint
+    /// OTLP/gRPC collector to export spans to (http://host:4317), overriding the control
+    /// plane's telemetry (Telemetry resources + mesh config). Without either, the waypoint
     /// neither generates spans nor touches trace headers.
     #[arg(long, env = "TRACING_OTLP_ENDPOINT")]
     tracing_otlp_endpoint: Option<String>,
@@ -200,14 +201,17 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
     xcfg.endpoint
         .channel()
         .context("configuring the xDS client")?;
-    // An empty value (an unset template variable) is no endpoint.
+    // Flags fix the tracing; without them the control plane's WaypointTelemetry decides (and
+    // these are the settings of the tracer it turns on). An empty value (an unset template
+    // variable) is no endpoint.
+    let mut tracing_defaults = TracingConfig::new("");
+    tracing_defaults.sampling_percent = args.tracing_sampling_percent;
+    tracing_defaults.node_id = Some(xcfg.node.to_string());
+    tracing_defaults.cluster_id = args.cluster_id.clone();
     let endpoint = args.tracing_otlp_endpoint.clone().filter(|e| !e.is_empty());
-    let tracing = endpoint.map(|endpoint| {
-        let mut t = TracingConfig::new(endpoint);
-        t.sampling_percent = args.tracing_sampling_percent;
-        t.node_id = Some(xcfg.node.to_string());
-        t.cluster_id = args.cluster_id.clone();
-        t
+    let tracing = endpoint.map(|endpoint| TracingConfig {
+        endpoint,
+        ..tracing_defaults.clone()
     });
     let l7 = L7Store::new();
     let client = l7.subscribe(XdsClient::new(xcfg));
@@ -225,6 +229,7 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         .unwrap_or_else(zmesh_core::worker::default_concurrency)
         .max(1);
     wcfg.tracing = tracing;
+    wcfg.tracing_defaults = tracing_defaults;
     let mut cfg = AppConfig::new(wcfg);
     cfg.admin_addr = Some(args.admin);
     cfg.metrics_addr = Some(args.metrics);

@@ -1,8 +1,11 @@
 //! Distributed tracing: the waypoint's span per HTTP request, exported over OTLP/gRPC, as Envoy
 //! does in an Istio waypoint with an OpenTelemetry provider.
 //!
-//! Off unless an exporter is configured ([`TracingConfig`]): the request path then does not
-//! look at a single trace header (pure passthrough; `x-request-id` is handled elsewhere).
+//! Off unless an exporter is configured — fixed by the waypoint's flags ([`TracingConfig`]),
+//! or by the control plane: the `WaypointTelemetry` the controller resolves for this waypoint
+//! from Telemetry resources and the mesh config, followed at run time ([`follow`]). Off, the
+//! request path does not look at a single trace header (pure passthrough; `x-request-id` is
+//! handled elsewhere).
 //!
 //! When on, for each request:
 //! - **Incoming context**: a valid W3C `traceparent` wins; else B3 multi-header
@@ -50,12 +53,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use http::header::{HeaderName, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Uri};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
+
+use crate::store::L7Store;
+use zmesh_proto::l7;
 use zmesh_proto::otlp_collector::ExportTraceServiceRequest;
 use zmesh_proto::otlp_collector::trace_service_client::TraceServiceClient;
 use zmesh_proto::otlp_common::{AnyValue, InstrumentationScope, KeyValue, any_value};
@@ -539,6 +546,8 @@ pub struct TraceStats {
 /// The tracer: sampling, header rewriting, span queue; its exporter runs on the runtime that
 /// created it (the control runtime).
 pub struct Tracer {
+    /// The collector (a new one means a new tracer).
+    endpoint: String,
     /// `f64` bits (changed at run time by [`Tracer::set_sampling_percent`]).
     sampling: AtomicU64,
     queue: Mutex<Vec<Span>>,
@@ -552,10 +561,11 @@ pub struct Tracer {
 }
 
 /// Identity of the waypoint for the span tags and resource.
-pub struct WaypointIdentity<'a> {
-    pub gateway_name: &'a str,
-    pub gateway_namespace: &'a str,
-    pub trust_domain: &'a str,
+#[derive(Clone, Debug)]
+pub struct WaypointIdentity {
+    pub gateway_name: String,
+    pub gateway_namespace: String,
+    pub trust_domain: String,
     pub ip: IpAddr,
 }
 
@@ -581,7 +591,7 @@ impl Tracer {
     /// cancelled (after one last flush).
     pub fn start(
         cfg: &TracingConfig,
-        id: &WaypointIdentity<'_>,
+        id: &WaypointIdentity,
         stop: CancellationToken,
     ) -> Result<Arc<Tracer>, TraceError> {
         let tracer = Arc::new(Tracer::new(cfg, id)?);
@@ -597,9 +607,9 @@ impl Tracer {
     }
 
     /// The tracer without an exporter (spans stay queued; for tests of the request side).
-    pub fn new(cfg: &TracingConfig, id: &WaypointIdentity<'_>) -> Result<Tracer, TraceError> {
+    pub fn new(cfg: &TracingConfig, id: &WaypointIdentity) -> Result<Tracer, TraceError> {
         let pct = valid_percent(cfg.sampling_percent)?;
-        let (name, ns) = (id.gateway_name, id.gateway_namespace);
+        let (name, ns) = (id.gateway_name.as_str(), id.gateway_namespace.as_str());
         let node_id = cfg
             .node_id
             .clone()
@@ -612,7 +622,7 @@ impl Tracer {
             kv("istio.canonical_service", name),
             kv("istio.canonical_revision", "latest"),
             kv("istio.namespace", ns),
-            kv("istio.mesh_id", id.trust_domain),
+            kv("istio.mesh_id", id.trust_domain.as_str()),
         ];
         if let Some(c) = &cfg.cluster_id {
             fixed_tags.push(kv("istio.cluster_id", c.clone()));
@@ -622,6 +632,7 @@ impl Tracer {
             .clone()
             .unwrap_or_else(|| format!("{name}.{ns}"));
         Ok(Tracer {
+            endpoint: cfg.endpoint.clone(),
             sampling: AtomicU64::new(pct.to_bits()),
             queue: Mutex::new(Vec::new()),
             capacity: cfg.queue_capacity.max(1),
@@ -634,6 +645,10 @@ impl Tracer {
                 dropped_attributes_count: 0,
             },
         })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     pub fn sampling_percent(&self) -> f64 {
@@ -826,6 +841,107 @@ impl Tracer {
                 }],
                 schema_url: String::new(),
             }],
+        }
+    }
+}
+
+/// The waypoint's tracer: none, one fixed by flags, or one that follows the control plane's
+/// `WaypointTelemetry` for this waypoint ([`follow`]). A request reads it once (lock-free).
+#[derive(Default)]
+pub struct TracerSlot {
+    current: ArcSwapOption<Tracer>,
+    /// Stops the current tracer's exporter (after one last flush).
+    stop: Mutex<Option<CancellationToken>>,
+}
+
+impl TracerSlot {
+    /// For the request path: no reference count touched.
+    pub fn load(&self) -> arc_swap::Guard<Option<Arc<Tracer>>> {
+        self.current.load()
+    }
+
+    pub fn get(&self) -> Option<Arc<Tracer>> {
+        self.current.load_full()
+    }
+
+    /// Install `next` (a tracer and what stops its exporter) and stop the previous one.
+    pub fn set(&self, next: Option<(Arc<Tracer>, CancellationToken)>) {
+        let (tracer, stop) = next.unzip();
+        self.current.store(tracer);
+        let old = std::mem::replace(
+            &mut *self.stop.lock().unwrap_or_else(PoisonError::into_inner),
+            stop,
+        );
+        if let Some(old) = old {
+            old.cancel();
+        }
+    }
+}
+
+/// Keep `slot` in line with the `WaypointTelemetry` named `key` ("<namespace>/<gateway>") in
+/// `l7`: start a tracer when tracing is turned on, change its sampling in place, replace it
+/// when the collector changes, drop it when tracing is turned off. `defaults` gives every
+/// setting but the endpoint and the sampling. Runs until `stopped`.
+pub async fn follow(
+    slot: Arc<TracerSlot>,
+    l7: Arc<L7Store>,
+    key: String,
+    defaults: TracingConfig,
+    id: WaypointIdentity,
+    stopped: CancellationToken,
+) {
+    loop {
+        let changed = l7.changed();
+        tokio::pin!(changed);
+        // Registered before reading: a change from here on wakes us.
+        changed.as_mut().enable();
+        let want = l7
+            .load()
+            .telemetry
+            .get(&key)
+            .and_then(|t| t.tracing.clone());
+        apply_telemetry(&slot, want.as_ref(), &defaults, &id, &stopped);
+        tokio::select! {
+            _ = changed => {}
+            _ = stopped.cancelled() => return,
+        }
+    }
+}
+
+fn apply_telemetry(
+    slot: &TracerSlot,
+    want: Option<&l7::Tracing>,
+    defaults: &TracingConfig,
+    id: &WaypointIdentity,
+    stopped: &CancellationToken,
+) {
+    match (want, slot.get()) {
+        (None, None) => {}
+        (None, Some(_)) => {
+            info!("tracing: turned off by the control plane");
+            slot.set(None);
+        }
+        (Some(w), Some(cur)) if cur.endpoint() == w.otlp_endpoint => {
+            let pct = w.random_sampling_percentage;
+            if cur.sampling_percent() != pct {
+                match cur.set_sampling_percent(pct) {
+                    Ok(()) => info!(sampling_percent = pct, "tracing: sampling changed"),
+                    Err(e) => warn!("tracing: {e}; keeping {} %", cur.sampling_percent()),
+                }
+            }
+        }
+        (Some(w), _) => {
+            let mut cfg = defaults.clone();
+            cfg.endpoint = w.otlp_endpoint.clone();
+            cfg.sampling_percent = w.random_sampling_percentage;
+            let stop = stopped.child_token();
+            match Tracer::start(&cfg, id, stop.clone()) {
+                Ok(t) => slot.set(Some((t, stop))),
+                Err(e) => warn!(
+                    provider = %w.provider,
+                    "tracing: the control plane's telemetry for this waypoint is not usable: {e}"
+                ),
+            }
         }
     }
 }
@@ -1252,9 +1368,9 @@ mod tests {
         cfg.sampling_percent = pct;
         cfg.queue_capacity = 2;
         let id = WaypointIdentity {
-            gateway_name: "waypoint",
-            gateway_namespace: "default",
-            trust_domain: "cluster.local",
+            gateway_name: "waypoint".into(),
+            gateway_namespace: "default".into(),
+            trust_domain: "cluster.local".into(),
             ip: [127, 0, 0, 1].into(),
         };
         Tracer::new(&cfg, &id).unwrap()

@@ -3,10 +3,15 @@
 //! with an in-test OpenTelemetry collector (a tonic `TraceService` on 127.0.0.1). The sample
 //! app echoes the trace headers it received as `x-seen-<name>`.
 //!
-//! One mesh, scenarios in sequence (the sample servers use fixed addresses); the sampling
+//! `waypoint_spans_exported_over_otlp`: tracing fixed by the waypoint's config (its flags); one
+//! mesh, scenarios in sequence (the sample servers use fixed addresses); the sampling
 //! percentage is changed between them on the running tracer.
+//! `tracing_configured_by_telemetry_over_xds`: Istio's way — the controller's mesh config
+//! names an OpenTelemetry extension provider, a `Telemetry` resource turns tracing on, and
+//! the waypoint follows the resulting `WaypointTelemetry` over Delta ADS.
 
 mod common;
+mod xds_mesh;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -170,7 +175,7 @@ async fn waypoint_spans_exported_over_otlp() {
     tcfg.backoff_initial = Duration::from_secs(2);
     tcfg.backoff_max = Duration::from_secs(4);
     let mesh = Mesh::start_with(|c| c.tracing = Some(tcfg)).await;
-    let tracer = mesh.wp.inner.tracer.clone().expect("tracing is on");
+    let tracer = mesh.wp.inner.tracer.get().expect("tracing is on");
 
     // 1. A sampled W3C caller (sampling 0 %: the caller's decision is honoured). The app sees
     //    the caller's trace with the waypoint's span as parent, in both formats; the collector
@@ -418,5 +423,113 @@ spec:
     assert!(back, "spans exported again once the collector is back");
 
     mesh.wp.shutdown();
+    collector.stop().await;
+}
+
+/// Telemetry YAML: mesh-wide (root namespace) tracing with provider `otel` at `pct` %.
+fn telemetry_yaml(pct: f64) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\nspec:\n  tracing:\n  - providers: [{{name: otel}}]\n    randomSamplingPercentage: {pct}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracing_configured_by_telemetry_over_xds() {
+    use xds_mesh::{Net, XdsMesh, local_get, write_atomic};
+
+    let received: Received = Arc::default();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let collector = serve_collector(l, received.clone());
+    // The mesh config as the seeds write it (A21), pointing at the in-test collector.
+    let mesh_cfg = zmesh_controller::mesh::MeshConfig::parse(
+        &format!(
+            "enableTracing: true\ndefaultConfig: {{tracing: {{}}}}\nextensionProviders:\n- name: otel\n  opentelemetry: {{port: {port}, service: 127.0.0.1}}\n"
+        ),
+        None,
+    )
+    .unwrap();
+    let mesh = XdsMesh::start_with(Net(43), "trace", |c| c.translate.mesh = mesh_cfg).await;
+    write_atomic(&mesh.dir.join("telemetry.yaml"), &telemetry_yaml(0.0));
+    let (wp, _) = mesh
+        .start_waypoint_with(|c| {
+            c.tracing_defaults.flush_interval = Duration::from_millis(50);
+        })
+        .await;
+    tokio::time::timeout(xds_mesh::WAIT, wp.wait_ready())
+        .await
+        .expect("waypoint ready");
+    let seen = |h: &http::HeaderMap| {
+        h.get("x-seen-traceparent")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+
+    // Tracing at 0 %: a sampled caller is traced (its decision wins), the span exported to the
+    // provider the Telemetry names.
+    let trace = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let tp = format!("00-{trace}-{CALLER_SPAN}-01");
+    let mut exported = Vec::new();
+    for _ in 0..100 {
+        let (status, h, _) = mesh.get_full(&[("traceparent", &tp)]).await.unwrap();
+        assert_eq!(status, 200);
+        let up = seen(&h).expect("traceparent reaches the app");
+        assert!(up.starts_with(&format!("00-{trace}-")), "{up}");
+        if !up.contains(CALLER_SPAN) {
+            // The waypoint's span is the parent: the tracer is on.
+            exported = spans_of(&received, trace).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!exported.is_empty(), "spans reach the Telemetry's provider");
+    let (res, s) = &exported[0];
+    assert_eq!(hex(&s.parent_span_id), CALLER_SPAN);
+    assert_eq!(s.name, "reviews.default.svc.cluster.local:9080/*");
+    assert_eq!(attr(res, "service.name"), Some("waypoint.default"));
+    let tracer = wp.waypoint.inner.tracer.get().expect("tracing on");
+    assert_eq!(tracer.endpoint(), format!("http://127.0.0.1:{port}"));
+    assert_eq!(tracer.sampling_percent(), 0.0);
+    // No context at 0 %: untouched.
+    let (_, h, _) = mesh.get_full(&[]).await.unwrap();
+    assert_eq!(seen(&h), None);
+    // The counters and the tracer's settings are in the admin API.
+    let admin = wp.addrs.admin.unwrap();
+    let (_, stats) = local_get(admin, "/stats").await.unwrap();
+    assert!(
+        stats.contains("tracing.opentelemetry.spans_sent: "),
+        "{stats}"
+    );
+    let (_, dump) = local_get(admin, "/config_dump").await.unwrap();
+    assert!(dump.contains("\"otlp_endpoint\""), "{dump}");
+
+    // The Telemetry changes to 100 %: the same tracer samples every new trace.
+    write_atomic(&mesh.dir.join("telemetry.yaml"), &telemetry_yaml(100.0));
+    let mut new_trace = None;
+    for _ in 0..100 {
+        let (_, h, _) = mesh.get_full(&[]).await.unwrap();
+        if let Some(tp) = seen(&h) {
+            new_trace = Some(split_tp(&tp).0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new_trace = new_trace.expect("sampling follows the Telemetry");
+    assert_eq!(spans_of(&received, &new_trace).await.len(), 1);
+    assert!(
+        Arc::ptr_eq(&tracer, &wp.waypoint.inner.tracer.get().unwrap()),
+        "a sampling change keeps the tracer (and its queue, connection)"
+    );
+
+    // The Telemetry is deleted: tracing off, trace headers pass untouched.
+    std::fs::remove_file(mesh.dir.join("telemetry.yaml")).unwrap();
+    eventually("tracing turned off", || {
+        wp.waypoint.inner.tracer.get().is_none()
+    })
+    .await;
+    let (_, h, _) = mesh.get_full(&[("traceparent", &tp)]).await.unwrap();
+    assert_eq!(seen(&h).as_deref(), Some(tp.as_str()), "passthrough");
+
+    wp.shutdown().await;
+    mesh.shutdown().await;
     collector.stop().await;
 }
