@@ -8,6 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/google/rpc/status.proto",
         "protos/envoy/service/discovery/v3/discovery.proto",
         "protos/zmesh/l7/v1/l7.proto",
+        "protos/opentelemetry/proto/common/v1/common.proto",
+        "protos/opentelemetry/proto/resource/v1/resource.proto",
+        "protos/opentelemetry/proto/trace/v1/trace.proto",
+        "protos/opentelemetry/proto/collector/trace/v1/trace_service.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use zmesh_controller::admin::{AdminServers, Status};
 use zmesh_controller::ca::{KubeAuthenticator, KubeTokenReviewer, load_or_create_root_secret};
 use zmesh_controller::controller::{Controller, ControllerConfig};
+use zmesh_controller::mesh::MeshConfig;
 use zmesh_controller::sources::kube::KubeSource;
 use zmesh_controller::store::ObjectStore;
 use zmesh_controller::translate::TranslateOptions;
@@ -103,6 +104,10 @@ struct Args {
     /// Kubernetes mode: do not create Deployments for waypoint Gateways.
     #[arg(long)]
     no_waypoint_reconcile: bool,
+    /// Istio mesh config (the `mesh` key of the `istio` ConfigMap): tracing extension
+    /// providers and defaults. Read at start; a missing file is the default config.
+    #[arg(long, env = "MESH_CONFIG")]
+    mesh_config: Option<PathBuf>,
 }
 
 fn parse_addr(flag: &str, s: &str) -> Result<Option<SocketAddr>> {
@@ -246,6 +251,10 @@ async fn run(
     let mut ca = zmesh_controller::ca::CaOptions::default();
     ca.max_ttl = Duration::from_secs(args.max_cert_ttl_secs);
     ca.default_ttl = ca.default_ttl.min(ca.max_ttl);
+    let mesh = match &args.mesh_config {
+        Some(path) => MeshConfig::load(path)?,
+        None => MeshConfig::default(),
+    };
     let mut cfg = ControllerConfig {
         config_dir: dir,
         xds_plaintext_addr: parse_addr("xds-plaintext-addr", &args.xds_plaintext_addr)?,
@@ -263,6 +272,7 @@ async fn run(
             cluster_id: args.cluster_id.clone(),
             trust_domain: args.trust_domain.clone(),
             network: args.network.clone(),
+            mesh,
             ..TranslateOptions::default()
         },
         ca,

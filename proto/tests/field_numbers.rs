@@ -1,5 +1,6 @@
 //! Wire-compatibility guard: every field is encoded alone and its tag is checked against the
-//! field number Istio/Envoy use (from the wire-facts notes). A renumbered field fails here.
+//! field number Istio/Envoy use (from the wire-facts notes), or, for span export, the OTLP
+//! specification's. A renumbered field fails here.
 
 use prost::Message;
 use zmesh_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
@@ -33,6 +34,8 @@ fn check<M: Message>(name: &str, m: M, field: u32, wire: u8) {
 
 const LEN: u8 = 2;
 const VARINT: u8 = 0;
+const I64: u8 = 1;
+const I32: u8 = 5;
 
 #[test]
 fn workload_fields() {
@@ -989,4 +992,254 @@ fn service_paths() {
     assert_eq!(p, "envoy.service.discovery.v3.AggregatedDiscoveryService");
     let c = zmesh_proto::ca::istio_certificate_service_server::SERVICE_NAME;
     assert_eq!(c, "istio.v1.auth.IstioCertificateService");
+}
+
+#[test]
+fn otlp_trace_fields() {
+    use zmesh_proto::otlp_collector::{
+        ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use zmesh_proto::otlp_common::{AnyValue, InstrumentationScope, KeyValue, any_value};
+    use zmesh_proto::otlp_resource::Resource;
+    use zmesh_proto::otlp_trace::{ResourceSpans, ScopeSpans, Span, Status, span, status};
+
+    let s = || "x".to_string();
+    let b = || vec![1u8];
+    check(
+        "ExportTraceServiceRequest.resource_spans",
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans::default()],
+        },
+        1,
+        LEN,
+    );
+    check(
+        "ExportTraceServiceResponse.partial_success",
+        ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess::default()),
+        },
+        1,
+        LEN,
+    );
+    check(
+        "ExportTracePartialSuccess.rejected_spans",
+        ExportTracePartialSuccess {
+            rejected_spans: 1,
+            ..Default::default()
+        },
+        1,
+        VARINT,
+    );
+    check(
+        "ExportTracePartialSuccess.error_message",
+        ExportTracePartialSuccess {
+            error_message: s(),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "ResourceSpans.resource",
+        ResourceSpans {
+            resource: Some(Resource::default()),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "ResourceSpans.scope_spans",
+        ResourceSpans {
+            scope_spans: vec![ScopeSpans::default()],
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "ResourceSpans.schema_url",
+        ResourceSpans {
+            schema_url: s(),
+            ..Default::default()
+        },
+        3,
+        LEN,
+    );
+    check(
+        "ScopeSpans.scope",
+        ScopeSpans {
+            scope: Some(InstrumentationScope::default()),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "ScopeSpans.spans",
+        ScopeSpans {
+            spans: vec![Span::default()],
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Resource.attributes",
+        Resource {
+            attributes: vec![KeyValue::default()],
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "InstrumentationScope.name",
+        InstrumentationScope {
+            name: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "InstrumentationScope.version",
+        InstrumentationScope {
+            version: s(),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "KeyValue.key",
+        KeyValue {
+            key: s(),
+            ..Default::default()
+        },
+        1,
+        LEN,
+    );
+    check(
+        "KeyValue.value",
+        KeyValue {
+            value: Some(AnyValue::default()),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    let any = |v| AnyValue { value: Some(v) };
+    check(
+        "AnyValue.string_value",
+        any(any_value::Value::StringValue(s())),
+        1,
+        LEN,
+    );
+    check(
+        "AnyValue.bool_value",
+        any(any_value::Value::BoolValue(true)),
+        2,
+        VARINT,
+    );
+    check(
+        "AnyValue.int_value",
+        any(any_value::Value::IntValue(1)),
+        3,
+        VARINT,
+    );
+    check(
+        "AnyValue.double_value",
+        any(any_value::Value::DoubleValue(1.0)),
+        4,
+        I64,
+    );
+    check(
+        "AnyValue.bytes_value",
+        any(any_value::Value::BytesValue(b())),
+        7,
+        LEN,
+    );
+    let sp = |f: fn(&mut Span)| {
+        let mut x = Span::default();
+        f(&mut x);
+        x
+    };
+    check("Span.trace_id", sp(|x| x.trace_id = vec![1]), 1, LEN);
+    check("Span.span_id", sp(|x| x.span_id = vec![1]), 2, LEN);
+    check(
+        "Span.trace_state",
+        sp(|x| x.trace_state = "x".into()),
+        3,
+        LEN,
+    );
+    check(
+        "Span.parent_span_id",
+        sp(|x| x.parent_span_id = vec![1]),
+        4,
+        LEN,
+    );
+    check("Span.name", sp(|x| x.name = "x".into()), 5, LEN);
+    check(
+        "Span.kind",
+        sp(|x| x.kind = span::SpanKind::Server as i32),
+        6,
+        VARINT,
+    );
+    // Timestamps are fixed64 on the wire (not varints): a collector rejects anything else.
+    check(
+        "Span.start_time_unix_nano",
+        sp(|x| x.start_time_unix_nano = 1),
+        7,
+        I64,
+    );
+    check(
+        "Span.end_time_unix_nano",
+        sp(|x| x.end_time_unix_nano = 1),
+        8,
+        I64,
+    );
+    check(
+        "Span.attributes",
+        sp(|x| x.attributes = vec![KeyValue::default()]),
+        9,
+        LEN,
+    );
+    check(
+        "Span.status",
+        sp(|x| x.status = Some(Status::default())),
+        15,
+        LEN,
+    );
+    check("Span.flags", sp(|x| x.flags = 1), 16, I32);
+    check(
+        "Status.message",
+        Status {
+            message: s(),
+            ..Default::default()
+        },
+        2,
+        LEN,
+    );
+    check(
+        "Status.code",
+        Status {
+            code: status::StatusCode::Error as i32,
+            ..Default::default()
+        },
+        3,
+        VARINT,
+    );
+    // Enum values are part of the wire contract too.
+    assert_eq!(span::SpanKind::Server as i32, 2);
+    assert_eq!(span::SpanKind::Client as i32, 3);
+    assert_eq!(status::StatusCode::Ok as i32, 1);
+    assert_eq!(status::StatusCode::Error as i32, 2);
+}
+
+#[test]
+fn otlp_service_path() {
+    // What collectors route on: `/opentelemetry.proto.collector.trace.v1.TraceService/Export`.
+    let p = zmesh_proto::otlp_collector::trace_service_server::SERVICE_NAME;
+    assert_eq!(p, "opentelemetry.proto.collector.trace.v1.TraceService");
 }

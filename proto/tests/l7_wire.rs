@@ -199,3 +199,43 @@ fn l7_resources_render_as_json() {
     assert!(zmesh_proto::reflect::to_json(zmesh_proto::ADDRESS_TYPE_URL, &[]).is_ok());
     assert!(zmesh_proto::reflect::to_json("type.googleapis.com/no.Such", &[]).is_err());
 }
+
+#[test]
+fn waypoint_telemetry_fields() {
+    use zmesh_proto::l7::{Tracing, WaypointTelemetry};
+    check(
+        "WaypointTelemetry.tracing",
+        WaypointTelemetry {
+            tracing: Some(Tracing::default()),
+        },
+        1,
+        2,
+    );
+    let t = |f: fn(&mut Tracing)| {
+        let mut x = Tracing::default();
+        f(&mut x);
+        x
+    };
+    check("Tracing.provider", t(|x| x.provider = "p".into()), 1, 2);
+    check(
+        "Tracing.otlp_endpoint",
+        t(|x| x.otlp_endpoint = "e".into()),
+        2,
+        2,
+    );
+    check(
+        "Tracing.random_sampling_percentage",
+        t(|x| x.random_sampling_percentage = 1.0),
+        3,
+        1,
+    );
+    let v = zmesh_proto::reflect::to_json(
+        zmesh_proto::L7_TELEMETRY_TYPE_URL,
+        &WaypointTelemetry {
+            tracing: Some(t(|x| x.otlp_endpoint = "http://otel:4317".into())),
+        }
+        .encode_to_vec(),
+    )
+    .unwrap();
+    assert_eq!(v["tracing"]["otlpEndpoint"], "http://otel:4317");
+}

@@ -112,7 +112,11 @@ struct Dump {
 
 impl AdminHandler for Dump {
     fn stats(&self) -> Option<String> {
-        Some(self.inner.upstreams.stats_text())
+        let mut s = self.inner.upstreams.stats_text();
+        if let Some(t) = self.inner.tracer.get() {
+            s.push_str(&t.stats_text());
+        }
+        Some(s)
     }
 
     fn config_dump(&self) -> serde_json::Value {
@@ -131,6 +135,10 @@ impl AdminHandler for Dump {
             "l7": self.l7.dump(),
             "state": self.state.read().dump(),
             "certificates": self.certs.dump(),
+            "tracing": self.inner.tracer.get().map(|t| serde_json::json!({
+                "otlp_endpoint": t.endpoint(),
+                "sampling_percent": t.sampling_percent(),
+            })),
         })
     }
 }

@@ -127,6 +127,8 @@ struct Info {
     route: String,
     /// Set for an allowed cross-origin request: added to whatever response it gets.
     cors: Option<crate::cors::ResponseHeaders>,
+    /// The waypoint's span, when tracing is on and the request is sampled.
+    trace: Option<Box<crate::trace::ActiveSpan>>,
 }
 
 fn local_reply(status: u16, body: &str, flags: &'static str) -> (Response<RespBody>, &'static str) {
@@ -195,6 +197,13 @@ async fn handle(
                 .map(str::to_string)
         })
         .unwrap_or_default();
+    // Tracing (only while an exporter is configured): join or start the trace, rewrite the
+    // trace headers for the upstream; a span only when sampled.
+    let trace = inner
+        .tracer
+        .load()
+        .as_ref()
+        .and_then(|t| t.start_request(&mut parts.headers, &parts.uri, &authority));
     let mut info = Info {
         started,
         method: parts.method.to_string(),
@@ -219,6 +228,7 @@ async fn handle(
         retries_exhausted: false,
         route: String::new(),
         cors: None,
+        trace,
     };
     let known_len = parts
         .headers
@@ -1274,6 +1284,32 @@ impl Done {
         waypoint
             .l7_metrics
             .record(&labels, ms, req_bytes, resp_bytes);
+        if let Some(span) = info.trace
+            && let Some(tracer) = &*waypoint.tracer.load()
+        {
+            let target = ctx.target.to_string();
+            let host = if info.service.is_empty() {
+                target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h)
+            } else {
+                &info.service
+            };
+            tracer.finish(
+                *span,
+                &crate::trace::Outcome {
+                    host,
+                    port: ctx.port,
+                    method: &info.method,
+                    protocol: info.protocol,
+                    status: code,
+                    response_flags: flags,
+                    upstream_cluster: info.cluster.as_ref().map(|c| c.name.as_str()),
+                    request_id: &info.request_id,
+                    request_size: req_bytes,
+                    response_size: resp_bytes,
+                    peer: ctx.client_addr.ip(),
+                },
+            );
+        }
         tracing::info!(
             target: "access",
             direction = "waypoint",

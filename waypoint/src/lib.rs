@@ -12,8 +12,8 @@
 //! Layout: [`sniff`] protocol detection, [`matcher`] matching and L7 authz, [`http`] the
 //! request pipeline, [`upgrade`] HTTP/1.1 Upgrade (WebSocket) forwarding, [`upstream`]
 //! clusters/LB/outlier detection/connection pools, [`stats`]
-//! Istio metrics, [`app`] the process around it (xDS, certificates, admin, readiness, drain)
-//! used by the `waypoint` binary.
+//! Istio metrics, [`trace`] spans and their OTLP export, [`app`] the process around it (xDS,
+//! certificates, admin, readiness, drain) used by the `waypoint` binary.
 
 pub mod app;
 pub mod coalesce;
@@ -23,6 +23,7 @@ pub mod matcher;
 pub mod sniff;
 pub mod stats;
 pub mod store;
+pub mod trace;
 pub mod upgrade;
 pub mod upstream;
 
@@ -63,6 +64,8 @@ pub enum WaypointError {
     Bind(#[from] SocketError),
     #[error("waypoint: {0}")]
     Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Tracing(#[from] trace::TraceError),
 }
 
 /// Waypoint settings.
@@ -94,6 +97,13 @@ pub struct Config {
     /// (`SO_REUSEPORT`) and upstream pool ([`zmesh_core::worker`]). 0: serve on the caller's
     /// runtime.
     pub workers: usize,
+    /// Spans exported over OTLP, fixed (flags). `None`: the control plane decides (the
+    /// `WaypointTelemetry` of this Gateway); without it, no tracing at all (trace headers pass
+    /// untouched).
+    pub tracing: Option<trace::TracingConfig>,
+    /// Settings of a tracer the control plane turns on (its endpoint and sampling replace
+    /// these).
+    pub tracing_defaults: trace::TracingConfig,
 }
 
 impl Config {
@@ -112,6 +122,8 @@ impl Config {
             max_header_bytes: 64 << 10,
             header_read_timeout: Duration::from_secs(10),
             workers: 0,
+            tracing: None,
+            tracing_defaults: trace::TracingConfig::new(""),
         }
     }
 }
@@ -126,6 +138,8 @@ pub struct Inner {
     pub metrics: Arc<Metrics>,
     pub l7_metrics: Arc<L7Metrics>,
     pub(crate) buckets: Mutex<HashMap<String, http::Bucket>>,
+    /// Empty unless tracing is on (flags, or the control plane).
+    pub tracer: Arc<trace::TracerSlot>,
     pub drain: Drain,
     /// Cancelled once draining is over: worker runtimes then stop (dropping what is left).
     stopped: CancellationToken,
@@ -183,6 +197,32 @@ impl Waypoint {
             cfg.workers,
         );
         certs.prefetch(&cfg.identity);
+        let stopped = CancellationToken::new();
+        // Exporters run on this (the control) runtime, until the workers have stopped.
+        let tracer = Arc::new(trace::TracerSlot::default());
+        let trace_id = trace::WaypointIdentity {
+            gateway_name: cfg.gateway_name.clone(),
+            gateway_namespace: cfg.gateway_namespace.clone(),
+            trust_domain: cfg.identity.trust_domain().to_string(),
+            ip: hbone_addr.ip(),
+        };
+        match &cfg.tracing {
+            Some(t) => {
+                let stop = stopped.child_token();
+                let started = trace::Tracer::start(t, &trace_id, stop.clone())?;
+                tracer.set(Some((started, stop)));
+            }
+            None => {
+                tokio::spawn(trace::follow(
+                    tracer.clone(),
+                    l7.clone(),
+                    format!("{}/{}", cfg.gateway_namespace, cfg.gateway_name),
+                    cfg.tracing_defaults.clone(),
+                    trace_id,
+                    stopped.clone(),
+                ));
+            }
+        }
         let inner = Arc::new(Inner {
             l7_metrics: L7Metrics::register(&metrics),
             cfg: cfg.clone(),
@@ -192,8 +232,9 @@ impl Waypoint {
             upstreams,
             metrics,
             buckets: Mutex::new(HashMap::new()),
+            tracer,
             drain: Drain::new(),
-            stopped: CancellationToken::new(),
+            stopped,
         });
         // `connectionPool.http.idleTimeout`: a sweep closes upstream connections left idle
         // too long (checking only on reuse would keep unused ones open for ever).

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use waypoint::app::{App, AppConfig};
 use waypoint::store::L7Store;
+use waypoint::trace::TracingConfig;
 use zmesh_core::identity::Identity;
 use zmesh_core::xds::{
     CaClient, CaClientConfig, ControlPlaneEndpoint, ControlPlaneTls, TokenSource, XdsClient,
@@ -93,6 +94,14 @@ struct Args {
     /// listener and upstream connections; default: the number of available cores.
     #[arg(long, env = "WAYPOINT_CONCURRENCY")]
     concurrency: Option<usize>,
+    /// OTLP/gRPC collector to export spans to (http://host:4317), overriding the control
+    /// plane's telemetry (Telemetry resources + mesh config). Without either, the waypoint
+    /// neither generates spans nor touches trace headers.
+    #[arg(long, env = "TRACING_OTLP_ENDPOINT")]
+    tracing_otlp_endpoint: Option<String>,
+    /// Percentage of new traces sampled (a caller's decision is always honoured).
+    #[arg(long, env = "TRACING_SAMPLING_PERCENT", default_value_t = 1.0)]
+    tracing_sampling_percent: f64,
 }
 
 fn parse_peer_port(s: &str) -> Result<(String, u16), String> {
@@ -192,6 +201,18 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
     xcfg.endpoint
         .channel()
         .context("configuring the xDS client")?;
+    // Flags fix the tracing; without them the control plane's WaypointTelemetry decides (and
+    // these are the settings of the tracer it turns on). An empty value (an unset template
+    // variable) is no endpoint.
+    let mut tracing_defaults = TracingConfig::new("");
+    tracing_defaults.sampling_percent = args.tracing_sampling_percent;
+    tracing_defaults.node_id = Some(xcfg.node.to_string());
+    tracing_defaults.cluster_id = args.cluster_id.clone();
+    let endpoint = args.tracing_otlp_endpoint.clone().filter(|e| !e.is_empty());
+    let tracing = endpoint.map(|endpoint| TracingConfig {
+        endpoint,
+        ..tracing_defaults.clone()
+    });
     let l7 = L7Store::new();
     let client = l7.subscribe(XdsClient::new(xcfg));
     let status = client.status();
@@ -207,6 +228,8 @@ async fn run(args: Args, logs: zmesh_core::telemetry::LogHandle) -> Result<()> {
         .concurrency
         .unwrap_or_else(zmesh_core::worker::default_concurrency)
         .max(1);
+    wcfg.tracing = tracing;
+    wcfg.tracing_defaults = tracing_defaults;
     let mut cfg = AppConfig::new(wcfg);
     cfg.admin_addr = Some(args.admin);
     cfg.metrics_addr = Some(args.metrics);

@@ -1,5 +1,6 @@
-//! `L7Store`: the waypoint's L7 configuration (decoded `ServiceConfig`s by service key and
-//! waypoint-bound `Authorization`s), swapped atomically so a request sees one consistent view.
+//! `L7Store`: the waypoint's L7 configuration (decoded `ServiceConfig`s by service key,
+//! waypoint-bound `Authorization`s and the waypoints' resolved `WaypointTelemetry`), swapped
+//! atomically so a request sees one consistent view.
 //!
 //! It is fed either directly ([`L7Store::apply`], [`L7Store::replace`]: tests, embedders) or
 //! over xDS as the [`ResourceHandler`] of the `zmesh.l7.v1` type URLs (see
@@ -40,6 +41,8 @@ pub struct L7Config {
     pub authorizations: HashMap<String, Arc<l7::Authorization>>,
     /// The routes' CORS policies, compiled when their service config was applied.
     pub cors: CorsIndex,
+    /// Keyed by "<namespace>/<gateway name>" (each waypoint uses its own).
+    pub telemetry: HashMap<String, Arc<l7::WaypointTelemetry>>,
 }
 
 impl L7Config {
@@ -66,6 +69,45 @@ impl L7Config {
 pub struct L7Store {
     current: ArcSwap<L7Config>,
     write: Mutex<()>,
+    /// Woken after every change (whoever follows the config without polling it).
+    changed: tokio::sync::Notify,
+}
+
+/// The L7 type URLs a waypoint subscribes to.
+const TYPES: [&str; 3] = [
+    zmesh_proto::L7_SERVICE_TYPE_URL,
+    zmesh_proto::L7_AUTHZ_TYPE_URL,
+    zmesh_proto::L7_TELEMETRY_TYPE_URL,
+];
+
+/// Upsert/remove decoded resources of one type; a resource that does not decode keeps its old
+/// version and is reported.
+fn merge<M: Message + Default>(
+    map: &mut HashMap<String, Arc<M>>,
+    type_url: &str,
+    updated: &[(String, Vec<u8>)],
+    removed: &[String],
+    replace_all: bool,
+    errors: &mut Vec<L7StoreError>,
+) {
+    if replace_all {
+        map.retain(|k, _| updated.iter().any(|(n, _)| n == k));
+    }
+    for (name, bytes) in updated {
+        match M::decode(bytes.as_slice()) {
+            Ok(m) => {
+                map.insert(name.clone(), Arc::new(m));
+            }
+            Err(source) => errors.push(L7StoreError::Decode {
+                type_url: type_url.into(),
+                name: name.clone(),
+                source,
+            }),
+        }
+    }
+    for n in removed {
+        map.remove(n);
+    }
 }
 
 impl L7Store {
@@ -91,47 +133,18 @@ impl L7Store {
         let old = self.current.load_full();
         let mut services = old.services.clone();
         let mut authorizations = old.authorizations.clone();
+        let mut telemetry = old.telemetry.clone();
         let mut errors = Vec::new();
+        let (u, r, all) = (updated, removed, replace_all);
         match type_url {
             zmesh_proto::L7_SERVICE_TYPE_URL => {
-                if replace_all {
-                    services.retain(|k, _| updated.iter().any(|(n, _)| n == k));
-                }
-                for (name, bytes) in updated {
-                    match l7::ServiceConfig::decode(bytes.as_slice()) {
-                        Ok(m) => {
-                            services.insert(name.clone(), Arc::new(m));
-                        }
-                        Err(source) => errors.push(L7StoreError::Decode {
-                            type_url: type_url.into(),
-                            name: name.clone(),
-                            source,
-                        }),
-                    }
-                }
-                for n in removed {
-                    services.remove(n);
-                }
+                merge(&mut services, type_url, u, r, all, &mut errors);
             }
             zmesh_proto::L7_AUTHZ_TYPE_URL => {
-                if replace_all {
-                    authorizations.retain(|k, _| updated.iter().any(|(n, _)| n == k));
-                }
-                for (name, bytes) in updated {
-                    match l7::Authorization::decode(bytes.as_slice()) {
-                        Ok(m) => {
-                            authorizations.insert(name.clone(), Arc::new(m));
-                        }
-                        Err(source) => errors.push(L7StoreError::Decode {
-                            type_url: type_url.into(),
-                            name: name.clone(),
-                            source,
-                        }),
-                    }
-                }
-                for n in removed {
-                    authorizations.remove(n);
-                }
+                merge(&mut authorizations, type_url, u, r, all, &mut errors);
+            }
+            zmesh_proto::L7_TELEMETRY_TYPE_URL => {
+                merge(&mut telemetry, type_url, u, r, all, &mut errors);
             }
             other => {
                 errors.push(L7StoreError::UnknownType(other.to_string()));
@@ -151,20 +164,25 @@ impl L7Store {
             services,
             authorizations,
             cors,
+            telemetry,
         }));
+        self.changed.notify_waiters();
         errors
     }
 
-    /// Replace everything of both types with `resources` (type URL → name → bytes).
+    /// Completes after the next change. Create it (and `enable` it) before reading the
+    /// current config, so a change in between is not missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Replace everything of every L7 type with `resources` (type URL → name → bytes).
     pub fn replace(
         &self,
         resources: &HashMap<String, Vec<(String, Vec<u8>)>>,
     ) -> Vec<L7StoreError> {
         let mut errors = Vec::new();
-        for t in [
-            zmesh_proto::L7_SERVICE_TYPE_URL,
-            zmesh_proto::L7_AUTHZ_TYPE_URL,
-        ] {
+        for t in TYPES {
             let empty = Vec::new();
             let r = resources.get(t).unwrap_or(&empty);
             errors.extend(self.apply(t, r, &[], true));
@@ -172,11 +190,11 @@ impl L7Store {
         errors
     }
 
-    /// Make `client` deliver both L7 type URLs to this store.
+    /// Make `client` deliver every L7 type URL to this store.
     pub fn subscribe(self: &Arc<Self>, client: XdsClient) -> XdsClient {
-        client
-            .with_extra_type(zmesh_proto::L7_SERVICE_TYPE_URL, self.clone())
-            .with_extra_type(zmesh_proto::L7_AUTHZ_TYPE_URL, self.clone())
+        TYPES
+            .iter()
+            .fold(client, |c, t| c.with_extra_type(*t, self.clone()))
     }
 
     /// JSON for config_dump: every resource held, by name, rendered as proto3 JSON.
@@ -206,7 +224,21 @@ impl L7Store {
                 )
             })
             .collect();
-        serde_json::json!({ "services": services, "authorizations": authorizations })
+        let telemetry: serde_json::Map<String, serde_json::Value> = c
+            .telemetry
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    render(zmesh_proto::L7_TELEMETRY_TYPE_URL, v.as_ref()),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "services": services,
+            "authorizations": authorizations,
+            "telemetry": telemetry,
+        })
     }
 }
 
@@ -325,5 +357,37 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &policy(&store.load()).expect("new")));
         store.apply(t, &[], &["default/a".into()], false);
         assert!(policy(&store.load()).is_none());
+    }
+
+    #[tokio::test]
+    async fn telemetry_resources_and_change_notification() {
+        let store = L7Store::new();
+        let changed = store.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let t = l7::WaypointTelemetry {
+            tracing: Some(l7::Tracing {
+                otlp_endpoint: "http://otel:4317".into(),
+                ..Default::default()
+            }),
+        };
+        let errs = store.apply(
+            zmesh_proto::L7_TELEMETRY_TYPE_URL,
+            &[("default/waypoint".into(), t.encode_to_vec())],
+            &[],
+            false,
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        tokio::time::timeout(std::time::Duration::from_secs(1), changed)
+            .await
+            .expect("a change wakes whoever follows the store");
+        assert_eq!(
+            store.load().telemetry["default/waypoint"],
+            std::sync::Arc::new(t)
+        );
+        assert_eq!(
+            store.dump()["telemetry"]["default/waypoint"]["tracing"]["otlpEndpoint"],
+            "http://otel:4317"
+        );
     }
 }

@@ -135,6 +135,13 @@ pub const KINDS: &[KindInfo] = &[
         plural: "gateways",
         namespaced: true,
     },
+    KindInfo {
+        kind: "Telemetry",
+        group: "telemetry.istio.io",
+        versions: &["v1", "v1alpha1"],
+        plural: "telemetries",
+        namespaced: true,
+    },
 ];
 
 /// The entry of [`KINDS`] for `kind`.
@@ -609,6 +616,6 @@ mod tests {
         let pod = kind_info("Pod").unwrap();
         assert!(pod.accepts_api_version("v1"));
         assert!(!pod.accepts_api_version("apps/v1"));
-        assert_eq!(KINDS.len(), 12);
+        assert_eq!(KINDS.len(), 13);
     }
 }

@@ -34,6 +34,7 @@ pub const ALL_KINDS: &[&str] = &[
     "HTTPRoute",
     "TCPRoute",
     "Gateway",
+    "Telemetry",
 ];
 
 /// Kinds that may sit in the same directory for other parts of zmesh (the CA's node

@@ -4,6 +4,7 @@
 //! - [`authz`]: AuthorizationPolicy/PeerAuthentication → `istio.security.Authorization`
 //! - [`l7`]: VirtualService/DestinationRule/HTTPRoute/TCPRoute (+ L7 AuthorizationPolicy) →
 //!   zmesh waypoint L7 configuration
+//! - [`telemetry`]: Telemetry + the mesh config → each waypoint's tracing
 //!
 //! Invalid objects are reported as [`TranslateError`]s (naming the object and the field) and
 //! skipped; everything else still translates.
@@ -11,10 +12,12 @@
 pub mod authz;
 pub mod incremental;
 pub mod l7;
+pub mod telemetry;
 pub mod workloads;
 
 use std::collections::BTreeMap;
 
+use crate::mesh::MeshConfig;
 use crate::store::{ObjectKey, Snapshot};
 
 /// An object that could not be translated (whole or in part).
@@ -27,13 +30,15 @@ pub struct TranslateError {
 }
 
 /// Cluster-wide settings translation needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TranslateOptions {
     pub cluster_id: String,
     pub trust_domain: String,
     /// Policies here apply mesh-wide (Istio's `istio-system`).
     pub root_namespace: String,
     pub network: String,
+    /// Istio's mesh config (extension providers and tracing defaults).
+    pub mesh: MeshConfig,
 }
 
 impl Default for TranslateOptions {
@@ -43,6 +48,7 @@ impl Default for TranslateOptions {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             network: String::new(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -108,5 +114,6 @@ pub fn translate_with_context(
     let bindings = std::mem::take(&mut compiled.bindings);
     authz::emit(compiled, &mut out);
     l7::translate(snap, opts, &mut out);
+    telemetry::translate(snap, opts, &mut out);
     (out, PodContext { backs, bindings })
 }

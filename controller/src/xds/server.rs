@@ -100,6 +100,7 @@ impl Default for AdsOptions {
                 zmesh_proto::AUTHORIZATION_TYPE_URL.to_string(),
                 zmesh_proto::L7_SERVICE_TYPE_URL.to_string(),
                 zmesh_proto::L7_AUTHZ_TYPE_URL.to_string(),
+                zmesh_proto::L7_TELEMETRY_TYPE_URL.to_string(),
             ],
             concurrent_large_pushes: 8,
         }

@@ -101,6 +101,7 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                                 .and_then(|v| v.to_str().ok())
                                 .and_then(|v| v.parse::<u64>().ok());
                             let rid = req.headers().get("x-request-id").cloned();
+                            let trace = seen_trace_headers(req.headers());
                             let path = req.uri().path().to_string();
                             if let Some(ms) = sleep {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -131,6 +132,9 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
                             if let Some(id) = rid {
                                 r.headers_mut().insert("x-seen-request-id", id);
                             }
+                            for (name, v) in trace {
+                                r.headers_mut().insert(name, v);
+                            }
                             Ok(r)
                         }
                     },
@@ -142,6 +146,29 @@ pub async fn http_server(addr: SocketAddr, version: &'static str, seen: Seen) {
             });
         }
     });
+}
+
+/// Trace headers as the app received them, echoed as `x-seen-<name>` (tracing tests).
+pub const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "b3",
+];
+
+fn seen_trace_headers(h: &http::HeaderMap) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    TRACE_HEADERS
+        .iter()
+        .filter_map(|n| {
+            let v = h.get(*n)?.clone();
+            let name = http::HeaderName::try_from(format!("x-seen-{n}")).ok()?;
+            Some((name, v))
+        })
+        .collect()
 }
 
 fn has_token(h: &http::HeaderMap, name: &str, token: &str) -> bool {
@@ -365,6 +392,11 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start() -> Mesh {
+        Self::start_with(|_| {}).await
+    }
+
+    /// As [`Mesh::start`], with the waypoint's config adjusted by `adjust` first.
+    pub async fn start_with(adjust: impl FnOnce(&mut WpConfig)) -> Mesh {
         zmesh_core::tls::install_default_provider();
         let _ = zmesh_core::socket::raise_fd_limit();
         let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
@@ -419,6 +451,7 @@ impl Mesh {
         let a = start_zt("node-a", Some(pb), yaml.clone()).await;
         wcfg.peer_hbone_ports.insert("node-b".into(), pb);
         wcfg.hbone_addr = SocketAddr::new(ip(WP_IP), wp_port);
+        adjust(&mut wcfg);
         wp_state.apply(LocalConfig::from_str(&yaml).unwrap());
         wp_state.mark_synced();
         let wp = Waypoint::start(

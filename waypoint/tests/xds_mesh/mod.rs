@@ -61,7 +61,8 @@ impl Net {
 }
 
 /// Sample server on `addr` (HTTP/1.1 and HTTP/2 prior knowledge): answers `reviews-<v>` with
-/// `x-seen-version` (the HTTP version it received); honours `x-sleep-ms`.
+/// `x-seen-version` (the HTTP version it received) and `x-seen-traceparent` (the
+/// `traceparent` it received, if any); honours `x-sleep-ms`.
 pub async fn reviews_server(addr: SocketAddr, version: &'static str) {
     let l = TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
@@ -84,6 +85,9 @@ pub async fn reviews_server(addr: SocketAddr, version: &'static str) {
                         ))));
                         r.headers_mut()
                             .insert("x-seen-version", seen.parse().unwrap());
+                        if let Some(tp) = req.headers().get("traceparent") {
+                            r.headers_mut().insert("x-seen-traceparent", tp.clone());
+                        }
                         Ok::<_, Infallible>(r)
                     },
                 );
@@ -210,6 +214,15 @@ pub struct XdsMesh {
 
 impl XdsMesh {
     pub async fn start(net: Net, name: &str) -> XdsMesh {
+        Self::start_with(net, name, |_| {}).await
+    }
+
+    /// As [`XdsMesh::start`], with the controller's config adjusted by `adjust` first.
+    pub async fn start_with(
+        net: Net,
+        name: &str,
+        adjust: impl FnOnce(&mut ControllerConfig),
+    ) -> XdsMesh {
         zmesh_core::tls::install_default_provider();
         let _ = zmesh_core::socket::raise_fd_limit();
         let dir = std::env::temp_dir().join(format!(
@@ -227,12 +240,12 @@ impl XdsMesh {
         reviews_server(SocketAddr::new(net.v1(), 9080), "v1").await;
         reviews_server(SocketAddr::new(net.v2(), 9080), "v2").await;
 
-        let controller = Controller::start(ControllerConfig {
+        let mut ccfg = ControllerConfig {
             debounce: Duration::from_millis(50),
             ..ControllerConfig::loopback(&dir)
-        })
-        .await
-        .expect("controller starts");
+        };
+        adjust(&mut ccfg);
+        let controller = Controller::start(ccfg).await.expect("controller starts");
 
         let (pa, pb) = (free_port("0.0.0.0"), free_port("0.0.0.0"));
         let mut zts = Vec::new();
@@ -291,6 +304,14 @@ impl XdsMesh {
 
     /// An in-process waypoint fed by the controller (xDS + CA with node-w's token).
     pub async fn start_waypoint(&self) -> (App, Arc<XdsStatus>) {
+        self.start_waypoint_with(|_| {}).await
+    }
+
+    /// As [`XdsMesh::start_waypoint`], with the waypoint's config adjusted by `adjust` first.
+    pub async fn start_waypoint_with(
+        &self,
+        adjust: impl FnOnce(&mut waypoint::Config),
+    ) -> (App, Arc<XdsStatus>) {
         let endpoint = mesh_endpoint(&self.controller, &self.dir);
         let token = node_token(&self.dir, "node-w");
         let mut xcfg = XdsConfig::waypoint(
@@ -312,6 +333,7 @@ impl XdsMesh {
         );
         wcfg.peer_hbone_ports.insert("node-a".into(), self.pa);
         wcfg.peer_hbone_ports.insert("node-b".into(), self.pb);
+        adjust(&mut wcfg);
         let lo = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         let cfg = AppConfig {
             admin_addr: lo,
@@ -346,10 +368,18 @@ impl XdsMesh {
     /// One HTTP/1.1 GET on a fresh connection: `Ok((status, body))`, `Err` when the
     /// connection or request failed (never hangs: bounded by [`WAIT`]).
     pub async fn get(&self, headers: &[(&str, &str)]) -> Result<(u16, String), String> {
+        self.get_full(headers).await.map(|(s, _, b)| (s, b))
+    }
+
+    /// [`XdsMesh::get`], with the response headers.
+    pub async fn get_full(
+        &self,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, http::HeaderMap, String), String> {
         tokio::time::timeout(WAIT, async {
             let s = self.connect().await?;
             let mut c = H1::handshake(s).await?;
-            c.get(headers).await
+            c.get_full(headers).await
         })
         .await
         .map_err(|_| "timed out".to_string())?
@@ -425,6 +455,13 @@ impl H1 {
     }
 
     pub async fn get(&mut self, headers: &[(&str, &str)]) -> Result<(u16, String), String> {
+        self.get_full(headers).await.map(|(s, _, b)| (s, b))
+    }
+
+    pub async fn get_full(
+        &mut self,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, http::HeaderMap, String), String> {
         let mut b = hyper::Request::get("/reviews/0").header("host", "reviews:9080");
         for (k, v) in headers {
             b = b.header(*k, *v);
@@ -437,13 +474,14 @@ impl H1 {
             .await
             .map_err(|e| e.to_string())?;
         let status = r.status().as_u16();
+        let headers = r.headers().clone();
         let body = r
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into()))
+        Ok((status, headers, String::from_utf8_lossy(&body).into()))
     }
 }
 
