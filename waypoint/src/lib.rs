@@ -9,7 +9,8 @@
 //! HTTP/1.1 Upgrade requests (WebSocket; not `h2c`) go through the same pipeline and, once
 //! the endpoint answers 101, are relayed as a byte stream ([`upgrade`]).
 //!
-//! Layout: [`sniff`] protocol detection, [`matcher`] matching and L7 authz, [`http`] the
+//! Layout: [`sniff`] protocol detection, [`store`] the L7 configuration from xDS and
+//! [`validate`] its checks (NACK), [`matcher`] matching and L7 authz, [`http`] the
 //! request pipeline, [`upgrade`] HTTP/1.1 Upgrade (WebSocket) forwarding, [`upstream`]
 //! clusters/LB/outlier detection/connection pools, [`stats`]
 //! Istio metrics, [`app`] the process around it (xDS, certificates, admin, readiness, drain)
@@ -24,6 +25,7 @@ pub mod stats;
 pub mod store;
 pub mod upgrade;
 pub mod upstream;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

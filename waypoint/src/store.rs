@@ -4,7 +4,8 @@
 //! It is fed either directly ([`L7Store::apply`], [`L7Store::replace`]: tests, embedders) or
 //! over xDS as the [`ResourceHandler`] of the `zmesh.l7.v1` type URLs (see
 //! [`L7Store::subscribe`]): each Delta ADS response is one atomic swap, and resources that do
-//! not decode are NACKed while the previous version stays in use.
+//! not decode, or hold values [`crate::validate`] refuses, are NACKed while the previous
+//! version stays in use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +24,13 @@ pub enum L7StoreError {
         name: String,
         #[source]
         source: prost::DecodeError,
+    },
+    #[error("L7 resource {name} of type {type_url} is refused: {source}")]
+    Invalid {
+        type_url: String,
+        name: String,
+        #[source]
+        source: crate::validate::Invalid,
     },
     #[error("resource type {0} is not an L7 type this waypoint understands")]
     UnknownType(String),
@@ -68,7 +76,8 @@ impl L7Store {
 
     /// Apply a delta for one type URL: upserts and removals by resource name. With
     /// `replace_all`, resources of that type not in `updated` are dropped (state-of-the-world).
-    /// Decoding errors skip that resource only (the old version stays) and are returned.
+    /// Decoding and validation errors skip that resource only (the old version stays) and are
+    /// returned.
     pub fn apply(
         &self,
         type_url: &str,
@@ -87,15 +96,11 @@ impl L7Store {
                     services.retain(|k, _| updated.iter().any(|(n, _)| n == k));
                 }
                 for (name, bytes) in updated {
-                    match l7::ServiceConfig::decode(bytes.as_slice()) {
+                    match decode(type_url, name, bytes, crate::validate::service_config) {
                         Ok(m) => {
                             services.insert(name.clone(), Arc::new(m));
                         }
-                        Err(source) => errors.push(L7StoreError::Decode {
-                            type_url: type_url.into(),
-                            name: name.clone(),
-                            source,
-                        }),
+                        Err(e) => errors.push(e),
                     }
                 }
                 for n in removed {
@@ -107,15 +112,11 @@ impl L7Store {
                     authorizations.retain(|k, _| updated.iter().any(|(n, _)| n == k));
                 }
                 for (name, bytes) in updated {
-                    match l7::Authorization::decode(bytes.as_slice()) {
+                    match decode(type_url, name, bytes, crate::validate::authorization) {
                         Ok(m) => {
                             authorizations.insert(name.clone(), Arc::new(m));
                         }
-                        Err(source) => errors.push(L7StoreError::Decode {
-                            type_url: type_url.into(),
-                            name: name.clone(),
-                            source,
-                        }),
+                        Err(e) => errors.push(e),
                     }
                 }
                 for n in removed {
@@ -192,6 +193,26 @@ impl L7Store {
     }
 }
 
+/// Decode resource `name` and check it with `validate`.
+fn decode<M: Message + Default>(
+    type_url: &str,
+    name: &str,
+    bytes: &[u8],
+    validate: fn(&M) -> Result<(), crate::validate::Invalid>,
+) -> Result<M, L7StoreError> {
+    let m = M::decode(bytes).map_err(|source| L7StoreError::Decode {
+        type_url: type_url.into(),
+        name: name.into(),
+        source,
+    })?;
+    validate(&m).map_err(|source| L7StoreError::Invalid {
+        type_url: type_url.into(),
+        name: name.into(),
+        source,
+    })?;
+    Ok(m)
+}
+
 impl ResourceHandler for L7Store {
     fn apply_resources(
         &self,
@@ -206,10 +227,12 @@ impl ResourceHandler for L7Store {
         self.apply(type_url, &items, removed, false)
             .into_iter()
             .flat_map(|e| match e {
-                L7StoreError::Decode { ref name, .. } => vec![ResourceError {
-                    name: name.clone(),
-                    message: e.to_string(),
-                }],
+                L7StoreError::Decode { ref name, .. } | L7StoreError::Invalid { ref name, .. } => {
+                    vec![ResourceError {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    }]
+                }
                 L7StoreError::UnknownType(_) => updated
                     .iter()
                     .map(|r| ResourceError {
