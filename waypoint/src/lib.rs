@@ -326,7 +326,9 @@ struct Handler {
     inner: Arc<Inner>,
 }
 
-fn forwarded_for(h: &HeaderMap) -> Option<SocketAddr> {
+/// The client address of the HBONE `forwarded` header (`for="ip:port"`).
+#[doc(hidden)] // pub for the fuzz targets and tests/parsers_never_panic.rs
+pub fn forwarded_for(h: &HeaderMap) -> Option<SocketAddr> {
     let v = h.get("forwarded")?.to_str().ok()?;
     v.split([';', ','])
         .filter_map(|kv| kv.trim().split_once('='))

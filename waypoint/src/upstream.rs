@@ -228,7 +228,8 @@ pub struct Endpoint {
 }
 
 impl Cluster {
-    fn new(name: String, policy: Policy) -> Arc<Self> {
+    #[doc(hidden)] // pub for the fuzz targets and tests/parsers_never_panic.rs
+    pub fn new(name: String, policy: Policy) -> Arc<Self> {
         let max_conn = policy.pool.as_ref().map(|p| p.max_connections).unwrap_or(0);
         Arc::new(Cluster {
             name,
