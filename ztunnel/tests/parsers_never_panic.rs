@@ -1,0 +1,55 @@
+//! Stable-toolchain companion of ztunnel's fuzz targets (`fuzz/fuzz_targets/ztunnel_*.rs`): the
+//! SOCKS5 handshake and the HBONE `forwarded` header get random and mutated input and must be
+//! refused, never panic.
+
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "../../core/tests/support/rng.rs"]
+mod rng;
+
+use rng::{Rng, check, rounds};
+
+#[test]
+fn socks5_handshake() {
+    let mut rng = Rng::new(0x50c_4555);
+    let seeds: [&[u8]; 4] = [
+        // No-auth greeting, CONNECT 10.0.0.5:8080.
+        b"\x05\x01\x00\x05\x01\x00\x01\x0a\x00\x00\x05\x1f\x90",
+        // Two methods offered, CONNECT [fd00::1]:443.
+        b"\x05\x02\x02\x00\x05\x01\x00\x04\xfd\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01\x01\xbb",
+        // CONNECT reviews.default.svc.cluster.local:9080 by name.
+        b"\x05\x01\x00\x05\x01\x00\x03\x21reviews.default.svc.cluster.local\x23\x78",
+        // BIND: refused.
+        b"\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50",
+    ];
+    let dict: &[&[u8]] = &[b"\x05", b"\x00", b"\x03\xff", b"\xff", b"\x04"];
+    for i in 0..rounds(20_000) {
+        let input = if i % 4 == 0 {
+            rng.bytes(48)
+        } else {
+            let seed = *rng.pick(&seeds);
+            rng.mutate_with(seed, dict)
+        };
+        check("SOCKS5", &input, || harness::socks5(&input));
+    }
+}
+
+#[test]
+fn hbone_forwarded_header() {
+    let mut rng = Rng::new(0xf0_4a4d);
+    let seeds: [&[u8]; 3] = [
+        b"for=\"10.0.0.7:43210\";host=reviews.default.svc.cluster.local",
+        b"for=\"[fd00::7]:43210\";host=\"reviews.default.svc.cluster.local\"",
+        b"for=10.0.0.1, HOST=a;host=b",
+    ];
+    let dict: &[&[u8]] = &[b"host=", b"\"", b";", b",", b"=", b" "];
+    for i in 0..rounds(20_000) {
+        let input = if i % 4 == 0 {
+            rng.bytes(64)
+        } else {
+            let seed = *rng.pick(&seeds);
+            rng.mutate_with(seed, dict)
+        };
+        check("forwarded", &input, || harness::forwarded(&input));
+    }
+}
