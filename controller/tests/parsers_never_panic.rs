@@ -82,7 +82,7 @@ fn yaml_files_of_every_kind() {
         assert!(kinds.contains(*kind), "no fixture of kind {kind}");
     }
     let mut rng = Rng::new(0x9a_4d1e);
-    for i in 0..rounds(600) {
+    for i in 0..rounds(1_000) {
         // Objects of two fixtures: workloads and services meet the policies and routes.
         let (_, a) = rng.pick(&files);
         let (_, b) = rng.pick(&files);

@@ -140,8 +140,8 @@ fn controller_output_is_accepted_by_waypoints() {
         let errors = refused(&translate(objects));
         assert!(errors.is_empty(), "golden fixture NACKed: {errors:?}");
     }
-    let mut rng = Rng::new(0xc0_47_0e11);
-    for _ in 0..rounds(1_500) {
+    let mut rng = Rng::new(0xc047_0e11);
+    for _ in 0..rounds(2_500) {
         let mut objects = rng.pick(&fixtures).clone();
         let i = rng.below(objects.len());
         // The spec is where translation reads; metadata only names the object.
@@ -198,7 +198,7 @@ fn l7_config_from_xds() {
     harness::l7_service_config(huge_interval);
 
     let mut rng = Rng::new(0x17_c0f1);
-    for i in 0..rounds(6_000) {
+    for i in 0..rounds(12_000) {
         let (type_url, seeds) = if i % 3 == 2 {
             (zmesh_proto::L7_AUTHZ_TYPE_URL, policies)
         } else {

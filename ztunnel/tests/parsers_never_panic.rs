@@ -23,7 +23,7 @@ fn socks5_handshake() {
         b"\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50",
     ];
     let dict: &[&[u8]] = &[b"\x05", b"\x00", b"\x03\xff", b"\xff", b"\x04"];
-    for i in 0..rounds(20_000) {
+    for i in 0..rounds(50_000) {
         let input = if i % 4 == 0 {
             rng.bytes(48)
         } else {
@@ -43,7 +43,7 @@ fn hbone_forwarded_header() {
         b"for=10.0.0.1, HOST=a;host=b",
     ];
     let dict: &[&[u8]] = &[b"host=", b"\"", b";", b",", b"=", b" "];
-    for i in 0..rounds(20_000) {
+    for i in 0..rounds(50_000) {
         let input = if i % 4 == 0 {
             rng.bytes(64)
         } else {
