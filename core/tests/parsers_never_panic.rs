@@ -19,56 +19,45 @@ mod support {
 
 use support::rng::{Rng, check, pem, rounds};
 
-/// The local-config format as its module documentation shows it: every section and field.
-const LOCAL_CONFIG: &str = r#"
+/// The local-config format as its module documentation shows it (every section and field),
+/// read from `src/state/local.rs` so that the seed follows the documented format.
+fn documented_local_config() -> String {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/state/local.rs"))
+        .expect("core/src/state/local.rs");
+    src.lines()
+        .skip_while(|l| !l.starts_with("//! ```yaml"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("//! ```"))
+        .map(|l| {
+            format!(
+                "{}\n",
+                l.strip_prefix("//!")
+                    .unwrap_or(l)
+                    .strip_prefix(' ')
+                    .unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+/// What the documented example leaves out: a DENY policy with the other match kinds, and the
+/// other gateway forms.
+const MORE_LOCAL_CONFIG: &str = r#"
 workloads:
-- uid: cluster1//v1/Pod/default/sleep
-  name: sleep
-  namespace: default
-  serviceAccount: sleep
-  trustDomain: cluster.local
-  workloadIps: ["10.0.0.1", "fd00::1"]
-  protocol: HBONE
-  node: node1
-  network: ""
-  canonicalName: sleep
-  canonicalRevision: v1
-  workloadName: sleep
-  workloadType: deployment
-  clusterId: cluster1
-  services: {"default/echo.default.svc.cluster.local": {80: 8080}}
-  authorizationPolicies: ["default/allow-sleep"]
-  healthy: true
-  waypoint: {hostname: "default/waypoint.default.svc.cluster.local", hbonePort: 15008}
+- name: db
+  namespace: prod
+  workloadIps: ["10.0.1.1"]
   networkGateway: {address: "net1/10.1.0.1", hbonePort: 15008}
   applicationTunnel: {protocol: PROXY, port: 15088}
-services:
-- name: echo
-  namespace: default
-  hostname: echo.default.svc.cluster.local
-  vips: ["10.96.0.1", "net1/10.96.0.2"]
-  ports: {80: 8080}
-  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/echo"]
 policies:
-- name: allow-sleep
-  namespace: default
-  scope: Namespace
-  action: Allow
-  dryRun: false
-  rules:
-  - - - principals: [{exact: "cluster.local/ns/default/sa/sleep"}]
-        destinationPorts: [8080]
-      - sourceIps: ["10.0.0.0/8"]
-        notPrincipals: ["cluster.local/ns/x/*", "*-admin"]
 - name: deny
-  namespace: ns
+  namespace: prod
   scope: WorkloadSelector
   action: Deny
   rules:
   - - - namespaces: [{prefix: "te"}, {presence: {}}]
         destinationIps: ["10.0.0.1/32"]
-peerAuthentications:
-- {name: default, namespace: istio-system, mode: STRICT}
+        notPrincipals: ["cluster.local/ns/x/*", "*-admin"]
 "#;
 
 /// YAML and protobuf tokens that steer mutation to other branches.
@@ -88,7 +77,6 @@ const DICT: &[&[u8]] = &[
 
 #[test]
 fn authority_identity_and_node_id_parsers() {
-    let mut rng = Rng::new(0x5eed_1234_abcd_ef01);
     let seeds: [&[u8]; 6] = [
         b"10.0.0.5:8080",
         b"[fd00::1]:443",
@@ -97,32 +85,34 @@ fn authority_identity_and_node_id_parsers() {
         b"ztunnel~10.0.0.5~ztunnel-x7k2p.istio-system~istio-system.svc.cluster.local",
         b"waypoint~10.0.0.9~waypoint-5d8f.v1.default~default.svc.cluster.local",
     ];
-    for i in 0..rounds(20_000) {
-        let input = if i % 2 == 0 {
-            rng.bytes(64)
-        } else {
-            let seed = *rng.pick(&seeds);
-            rng.mutate_with(seed, DICT)
-        };
-        let s = String::from_utf8_lossy(&input);
-        check("authority/identity/node id", &input, || {
-            let _ = Target::parse(&s);
-            if let Ok(id) = s.parse::<Identity>() {
-                assert_eq!(id.to_string(), s, "identity must print back to its input");
-            }
-            // The controller parses the node id every proxy sends on its ADS stream.
-            if let Some(n) = NodeId::parse(&s) {
-                assert_eq!(n.to_string(), s, "node id must print back to its input");
-            }
-        });
-    }
+    let parse = |input: &[u8]| {
+        let s = String::from_utf8_lossy(input);
+        let _ = Target::parse(&s);
+        if let Ok(id) = s.parse::<Identity>() {
+            assert_eq!(id.to_string(), s, "identity must print back to its input");
+        }
+        // The controller parses the node id every proxy sends on its ADS stream.
+        if let Some(n) = NodeId::parse(&s) {
+            assert_eq!(n.to_string(), s, "node id must print back to its input");
+        }
+    };
+    Rng::new(0x5eed_1234_abcd_ef01).run(
+        "authority/identity/node id",
+        rounds(20_000),
+        (&seeds, DICT, 64),
+        parse,
+    );
 }
 
 #[test]
 fn xds_resources_decode_and_validate() {
     let mut rng = Rng::new(0x0dd_ba11);
-    // Seeds: the wire form of every object of the documented local config.
-    let update = LocalConfig::from_str(LOCAL_CONFIG).expect("the documented config is valid");
+    // Seeds: the wire form of every object of the local configs.
+    let mut update =
+        LocalConfig::from_str(&documented_local_config()).expect("the documented config is valid");
+    let more = LocalConfig::from_str(MORE_LOCAL_CONFIG).expect("valid");
+    update.upsert_workloads.extend(more.upsert_workloads);
+    update.upsert_policies.extend(more.upsert_policies);
     let mut seeds: Vec<Vec<u8>> = Vec::new();
     seeds.extend(
         update
@@ -167,13 +157,18 @@ fn xds_resources_decode_and_validate() {
 #[test]
 fn local_config_yaml() {
     let mut rng = Rng::new(0xfeed_f00d);
-    let doc: serde_json::Value = serde_saphyr::from_str(LOCAL_CONFIG).expect("valid YAML");
+    let texts = [documented_local_config(), MORE_LOCAL_CONFIG.to_string()];
+    let docs: Vec<serde_json::Value> = texts
+        .iter()
+        .map(|t| serde_saphyr::from_str(t).expect("valid YAML"))
+        .collect();
     for i in 0..rounds(3_000) {
         let input = if i % 2 == 0 {
-            rng.mutate_with(LOCAL_CONFIG.as_bytes(), DICT)
+            let text = rng.pick(&texts).clone();
+            rng.mutate_with(text.as_bytes(), DICT)
         } else {
             // Structure-aware; JSON is YAML too.
-            let mut doc = doc.clone();
+            let mut doc = rng.pick(&docs).clone();
             support::json::mutate(&mut rng, &mut doc);
             serde_json::to_vec(&doc).unwrap_or_default()
         };

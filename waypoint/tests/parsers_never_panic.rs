@@ -34,7 +34,6 @@ const PROTO_DICT: &[&[u8]] = &[
 
 #[test]
 fn protocol_sniffing() {
-    let mut rng = Rng::new(0x5a1f_f001);
     let seeds: [&[u8]; 5] = [
         b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n",
         b"POST /api HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
@@ -45,35 +44,23 @@ fn protocol_sniffing() {
         b"CONNECT reviews:9080 HTTP/1.1\r\n\r\n",
     ];
     let dict: &[&[u8]] = &[b"GET ", b"PRI * ", b"\r\n", b"HTTP/2.0"];
-    for i in 0..rounds(20_000) {
-        let input = if i % 3 == 0 {
-            rng.bytes(40)
-        } else {
-            let seed = *rng.pick(&seeds);
-            rng.mutate_with(seed, dict)
-        };
-        check("sniff", &input, || harness::sniff(&input));
-    }
+    Rng::new(0x5a1f_f001).run("sniff", rounds(20_000), (&seeds, dict, 40), harness::sniff);
 }
 
 #[test]
 fn hbone_and_upgrade_headers() {
-    let mut rng = Rng::new(0x4ead_e125);
     let seeds: [&[u8]; 3] = [
         b"for=\"10.0.0.7:43210\";host=reviews.default.svc.cluster.local\nUpgrade\nwebsocket",
         b"for=\"[fd00::7]:43210\";host=reviews\nkeep-alive, Upgrade\nwebsocket, h2c",
         b"host=x;FOR=10.0.0.1:1, for=\"bad\"\nclose\n\nfor=\"10.0.0.1:80\"",
     ];
     let dict: &[&[u8]] = &[b"for=", b"\"", b";", b",", b"\n", b"[::1]:", b"upgrade"];
-    for i in 0..rounds(20_000) {
-        let input = if i % 3 == 0 {
-            rng.bytes(80)
-        } else {
-            let seed = *rng.pick(&seeds);
-            rng.mutate_with(seed, dict)
-        };
-        check("headers", &input, || harness::headers(&input));
-    }
+    Rng::new(0x4ead_e125).run(
+        "headers",
+        rounds(20_000),
+        (&seeds, dict, 80),
+        harness::headers,
+    );
 }
 
 /// The controller's L7 golden fixtures (VirtualService, DestinationRule, HTTPRoute, TCPRoute,

@@ -7,11 +7,10 @@ mod harness;
 #[path = "../../core/tests/support/rng.rs"]
 mod rng;
 
-use rng::{Rng, check, rounds};
+use rng::{Rng, rounds};
 
 #[test]
 fn socks5_handshake() {
-    let mut rng = Rng::new(0x50c_4555);
     let seeds: [&[u8]; 4] = [
         // No-auth greeting, CONNECT 10.0.0.5:8080.
         b"\x05\x01\x00\x05\x01\x00\x01\x0a\x00\x00\x05\x1f\x90",
@@ -23,33 +22,26 @@ fn socks5_handshake() {
         b"\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50",
     ];
     let dict: &[&[u8]] = &[b"\x05", b"\x00", b"\x03\xff", b"\xff", b"\x04"];
-    for i in 0..rounds(50_000) {
-        let input = if i % 4 == 0 {
-            rng.bytes(48)
-        } else {
-            let seed = *rng.pick(&seeds);
-            rng.mutate_with(seed, dict)
-        };
-        check("SOCKS5", &input, || harness::socks5(&input));
-    }
+    Rng::new(0x50c_4555).run(
+        "SOCKS5",
+        rounds(50_000),
+        (&seeds, dict, 48),
+        harness::socks5,
+    );
 }
 
 #[test]
 fn hbone_forwarded_header() {
-    let mut rng = Rng::new(0xf0_4a4d);
     let seeds: [&[u8]; 3] = [
         b"for=\"10.0.0.7:43210\";host=reviews.default.svc.cluster.local",
         b"for=\"[fd00::7]:43210\";host=\"reviews.default.svc.cluster.local\"",
         b"for=10.0.0.1, HOST=a;host=b",
     ];
     let dict: &[&[u8]] = &[b"host=", b"\"", b";", b",", b"=", b" "];
-    for i in 0..rounds(50_000) {
-        let input = if i % 4 == 0 {
-            rng.bytes(64)
-        } else {
-            let seed = *rng.pick(&seeds);
-            rng.mutate_with(seed, dict)
-        };
-        check("forwarded", &input, || harness::forwarded(&input));
-    }
+    Rng::new(0xf0_4a4d).run(
+        "forwarded",
+        rounds(50_000),
+        (&seeds, dict, 64),
+        harness::forwarded,
+    );
 }

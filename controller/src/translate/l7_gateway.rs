@@ -42,8 +42,24 @@ pub(super) struct Precedence {
     matcher: usize,
 }
 
-/// (service hostname, port or 0) targets of a route's Service parents.
+/// (service hostname, port or 0) targets of a route's Service parents; None when there are
+/// none or one is invalid (reported).
 fn service_parents(
+    cx: &mut Cx<'_>,
+    key: &ObjectKey,
+    parents: &[types::ParentRef],
+) -> Option<Vec<(String, u32)>> {
+    match parse_service_parents(key, parents) {
+        Ok(p) if p.is_empty() => None,
+        Ok(p) => Some(p),
+        Err(e) => {
+            cx.report(key, e);
+            None
+        }
+    }
+}
+
+fn parse_service_parents(
     key: &ObjectKey,
     parents: &[types::ParentRef],
 ) -> Result<Vec<(String, u32)>, FieldError> {
@@ -80,13 +96,8 @@ fn created(obj: &Value) -> String {
 
 pub(super) fn http_routes(cx: &mut Cx<'_>) {
     for (key, obj, spec) in cx.objects::<types::GwHttpRouteSpec>("HTTPRoute", HTTPROUTE_VERSIONS) {
-        let parents = match service_parents(&key, &spec.parent_refs) {
-            Ok(p) if p.is_empty() => continue,
-            Ok(p) => p,
-            Err(e) => {
-                cx.report(&key, e);
-                continue;
-            }
+        let Some(parents) = service_parents(cx, &key, &spec.parent_refs) else {
+            continue;
         };
         let routes = match http_route(cx, &key, &obj, &spec) {
             Ok(r) => r,
@@ -575,13 +586,8 @@ fn path_modifier(p: &types::GwPathModifier, f: &str) -> Result<(bool, String), F
 
 pub(super) fn tcp_routes(cx: &mut Cx<'_>) {
     for (key, _obj, spec) in cx.objects::<types::GwTcpRouteSpec>("TCPRoute", TCPROUTE_VERSIONS) {
-        let parents = match service_parents(&key, &spec.parent_refs) {
-            Ok(p) if p.is_empty() => continue,
-            Ok(p) => p,
-            Err(e) => {
-                cx.report(&key, e);
-                continue;
-            }
+        let Some(parents) = service_parents(cx, &key, &spec.parent_refs) else {
+            continue;
         };
         let routes = match tcp_route(cx, &key, &spec) {
             Ok(r) => r,

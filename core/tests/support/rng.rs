@@ -50,6 +50,36 @@ impl Rng {
         (0..n).map(|_| self.next() as u8).collect()
     }
 
+    /// An input: random bytes (fewer than `max_random`) one time in three, else a mutation
+    /// of one of `seeds` with tokens of `dict`.
+    pub fn random_or_mutated(
+        &mut self,
+        seeds: &[&[u8]],
+        dict: &[&[u8]],
+        max_random: usize,
+    ) -> Vec<u8> {
+        if self.one_in(3) {
+            self.bytes(max_random)
+        } else {
+            let seed = *self.pick(seeds);
+            self.mutate_with(seed, dict)
+        }
+    }
+
+    /// `rounds` calls of `f` on [`Self::random_or_mutated`] inputs, each under [`check`].
+    pub fn run(
+        &mut self,
+        what: &str,
+        rounds: usize,
+        (seeds, dict, max_random): (&[&[u8]], &[&[u8]], usize),
+        f: impl Fn(&[u8]),
+    ) {
+        for _ in 0..rounds {
+            let input = self.random_or_mutated(seeds, dict, max_random);
+            check(what, &input, || f(&input));
+        }
+    }
+
     /// Take a valid sample and flip, drop, insert, repeat or cut a few bytes.
     pub fn mutate(&mut self, seed: &[u8]) -> Vec<u8> {
         self.mutate_with(seed, &[])

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 use waypoint::matcher::{self, RequestView};
 use waypoint::sniff::{self, Detected};
-use waypoint::store::L7Store;
+use waypoint::store::{L7Config, L7Store};
 use waypoint::upstream::{Cluster, Endpoint, Policy};
 use zmesh_proto::l7;
 
@@ -60,18 +60,8 @@ const POLICY_NAME: &str = "default/policy";
 /// when accepted, used the way requests use it: routes matched, destinations and policies
 /// resolved, endpoints picked, outcomes recorded for outlier detection.
 pub fn l7_service_config(bytes: &[u8]) {
-    let store = L7Store::new();
-    let errors = store.apply(
-        zmesh_proto::L7_SERVICE_TYPE_URL,
-        &[(SERVICE_NAME.to_string(), bytes.to_vec())],
-        &[],
-        false,
-    );
-    for e in &errors {
-        // Every NACK names the resource it refuses.
-        assert!(e.to_string().contains(SERVICE_NAME), "{e}");
-    }
-    let Some(cfg) = store.load().service(SERVICE_NAME) else {
+    let config = apply(zmesh_proto::L7_SERVICE_TYPE_URL, SERVICE_NAME, bytes);
+    let Some(cfg) = config.service(SERVICE_NAME) else {
         return;
     };
     let headers = request_headers();
@@ -110,6 +100,17 @@ pub fn l7_service_config(bytes: &[u8]) {
     }
 }
 
+/// A fresh store's configuration after resource `name` of `type_url` arrived over xDS.
+fn apply(type_url: &str, name: &str, bytes: &[u8]) -> Arc<L7Config> {
+    let store = L7Store::new();
+    let errors = store.apply(type_url, &[(name.to_string(), bytes.to_vec())], &[], false);
+    for e in &errors {
+        // Every NACK names the resource it refuses.
+        assert!(e.to_string().contains(name), "{e}");
+    }
+    store.load()
+}
+
 /// The policy of the destination `subset` on `port` (0: the request's), and a cluster using
 /// it: endpoints picked, failures recorded until outlier detection ejects.
 fn use_destination(cfg: &l7::ServiceConfig, subset: &str, port: u32, request_port: u16) {
@@ -136,17 +137,7 @@ fn use_destination(cfg: &l7::ServiceConfig, subset: &str, port: u32, request_por
 /// A waypoint-bound L7 `Authorization` from xDS: decoded and validated by the store, then, when
 /// accepted, evaluated for a few requests.
 pub fn l7_authorization(bytes: &[u8]) {
-    let store = L7Store::new();
-    let errors = store.apply(
-        zmesh_proto::L7_AUTHZ_TYPE_URL,
-        &[(POLICY_NAME.to_string(), bytes.to_vec())],
-        &[],
-        false,
-    );
-    for e in &errors {
-        assert!(e.to_string().contains(POLICY_NAME), "{e}");
-    }
-    let cfg = store.load();
+    let cfg = apply(zmesh_proto::L7_AUTHZ_TYPE_URL, POLICY_NAME, bytes);
     let Some(p) = cfg.authorizations.get(POLICY_NAME) else {
         return;
     };
