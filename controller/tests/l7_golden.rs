@@ -9,8 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
+use zmesh_controller::mesh::MeshConfig;
 use zmesh_controller::store::Snapshot;
-use zmesh_controller::translate::{TranslateOptions, Translated, l7};
+use zmesh_controller::translate::{TranslateOptions, Translated, l7, telemetry};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden_l7")
@@ -21,9 +22,22 @@ fn load(yaml: &str) -> Snapshot {
     Snapshot::from_objects(docs.into_iter().filter(|d| !d.is_null()))
 }
 
+/// The mesh config of every case: the seeds' A21 `jaeger` OpenTelemetry provider, no tracing
+/// by default (so only cases with a `Telemetry` produce `WaypointTelemetry`).
+const MESH_CONFIG: &str = "
+extensionProviders:
+- name: jaeger
+  opentelemetry: {service: jaeger-collector.istio-system.svc.cluster.local, port: 4317}
+";
+
 fn run(snap: &Snapshot) -> Translated {
+    let opts = TranslateOptions {
+        mesh: MeshConfig::parse(MESH_CONFIG, None).expect("the golden mesh config parses"),
+        ..TranslateOptions::default()
+    };
     let mut out = Translated::default();
-    l7::translate(snap, &TranslateOptions::default(), &mut out);
+    l7::translate(snap, &opts, &mut out);
+    telemetry::translate(snap, &opts, &mut out);
     out
 }
 

@@ -1,6 +1,7 @@
 //! Reflection over every message this crate defines: render an encoded resource
 //! (`google.protobuf.Any`) as canonical proto3 JSON (durations as `"0.5s"`, enums by name,
-//! camelCase field names, default values omitted). Used by config dumps and golden tests.
+//! camelCase field names, default values omitted), and back. Used by config dumps, golden
+//! tests and the structure-aware mutation of the `parsers_never_panic` tests.
 
 use std::sync::OnceLock;
 
@@ -19,6 +20,8 @@ pub enum ReflectError {
     Decode { type_url: String, reason: String },
     #[error("resource of type `{type_url}` does not render as JSON: {reason}")]
     Json { type_url: String, reason: String },
+    #[error("JSON is not a resource of type `{type_url}`: {reason}")]
+    FromJson { type_url: String, reason: String },
 }
 
 /// The descriptors of all messages in this crate (and their imports).
@@ -32,10 +35,7 @@ pub fn pool() -> Result<&'static DescriptorPool, ReflectError> {
 /// Decode `value` as the message named by `type_url` ("type.googleapis.com/pkg.Msg") and render
 /// it as proto3 JSON.
 pub fn to_json(type_url: &str, value: &[u8]) -> Result<serde_json::Value, ReflectError> {
-    let name = type_url.rsplit('/').next().unwrap_or(type_url);
-    let desc = pool()?
-        .get_message_by_name(name)
-        .ok_or_else(|| ReflectError::UnknownType(type_url.to_string()))?;
+    let desc = descriptor(type_url)?;
     let msg = DynamicMessage::decode(desc, value).map_err(|e| ReflectError::Decode {
         type_url: type_url.to_string(),
         reason: e.to_string(),
@@ -49,4 +49,24 @@ pub fn to_json(type_url: &str, value: &[u8]) -> Result<serde_json::Value, Reflec
 /// [`to_json`] for an `Any`.
 pub fn any_to_json(any: &prost_types::Any) -> Result<serde_json::Value, ReflectError> {
     to_json(&any.type_url, &any.value)
+}
+
+/// Parse proto3 JSON (as [`to_json`] renders it) as the message named by `type_url` and encode
+/// it.
+pub fn from_json(type_url: &str, json: &serde_json::Value) -> Result<Vec<u8>, ReflectError> {
+    use prost::Message;
+    let msg = DynamicMessage::deserialize(descriptor(type_url)?, json).map_err(|e| {
+        ReflectError::FromJson {
+            type_url: type_url.to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(msg.encode_to_vec())
+}
+
+fn descriptor(type_url: &str) -> Result<prost_reflect::MessageDescriptor, ReflectError> {
+    let name = type_url.rsplit('/').next().unwrap_or(type_url);
+    pool()?
+        .get_message_by_name(name)
+        .ok_or_else(|| ReflectError::UnknownType(type_url.to_string()))
 }

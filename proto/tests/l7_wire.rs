@@ -188,6 +188,16 @@ fn l7_resources_render_as_json() {
         .unwrap();
     assert_eq!(v["hostname"], "reviews.default.svc.cluster.local");
     assert_eq!(v["httpRoutes"][0]["timeout"], "0.500s");
+    // And back.
+    let bytes = zmesh_proto::reflect::from_json(zmesh_proto::L7_SERVICE_TYPE_URL, &v).unwrap();
+    assert_eq!(ServiceConfig::decode(bytes.as_slice()).unwrap(), cfg);
+    assert!(
+        zmesh_proto::reflect::from_json(
+            zmesh_proto::L7_SERVICE_TYPE_URL,
+            &serde_json::json!({"httpRoutes": [{"timeout": "-"}]})
+        )
+        .is_err()
+    );
     let authz = Authorization {
         action: 1,
         ..Default::default()

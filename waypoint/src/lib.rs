@@ -9,7 +9,8 @@
 //! HTTP/1.1 Upgrade requests (WebSocket; not `h2c`) go through the same pipeline and, once
 //! the endpoint answers 101, are relayed as a byte stream ([`upgrade`]).
 //!
-//! Layout: [`sniff`] protocol detection, [`matcher`] matching and L7 authz, [`http`] the
+//! Layout: [`sniff`] protocol detection, [`store`] the L7 configuration from xDS and
+//! [`validate`] its checks (NACK), [`matcher`] matching and L7 authz, [`http`] the
 //! request pipeline, [`upgrade`] HTTP/1.1 Upgrade (WebSocket) forwarding, [`upstream`]
 //! clusters/LB/outlier detection/connection pools, [`stats`]
 //! Istio metrics, [`trace`] spans and their OTLP export, [`app`] the process around it (xDS,
@@ -26,6 +27,7 @@ pub mod store;
 pub mod trace;
 pub mod upgrade;
 pub mod upstream;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -366,7 +368,9 @@ struct Handler {
     inner: Arc<Inner>,
 }
 
-fn forwarded_for(h: &HeaderMap) -> Option<SocketAddr> {
+/// The client address of the HBONE `forwarded` header (`for="ip:port"`).
+#[doc(hidden)] // pub for the fuzz targets and tests/parsers_never_panic.rs
+pub fn forwarded_for(h: &HeaderMap) -> Option<SocketAddr> {
     let v = h.get("forwarded")?.to_str().ok()?;
     v.split([';', ','])
         .filter_map(|kv| kv.trim().split_once('='))

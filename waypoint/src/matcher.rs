@@ -77,7 +77,7 @@ pub struct RegexCache {
 const REGEX_CACHE_MAX: usize = 4096;
 
 /// Full-value matchers (`StringMatch.regex`).
-static ANCHORED: LazyLock<RegexCache> = LazyLock::new(|| RegexCache::new(true));
+pub static ANCHORED: LazyLock<RegexCache> = LazyLock::new(|| RegexCache::new(true));
 /// Search-and-replace patterns (`rewrite.uriRegexRewrite`).
 pub static UNANCHORED: LazyLock<RegexCache> = LazyLock::new(|| RegexCache::new(false));
 
@@ -99,6 +99,32 @@ impl RegexCache {
         {
             return hit.clone();
         }
+        let compiled = self.build(pattern).ok().map(Arc::new);
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= REGEX_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(pattern.to_string(), compiled.clone());
+        compiled
+    }
+
+    /// Why `pattern` does not compile (for the NACK of the resource holding it), or Ok.
+    pub fn check(&self, pattern: &str) -> Result<(), String> {
+        match self.get(pattern) {
+            Some(_) => Ok(()),
+            None => self.build(pattern).map(|_| ()).map_err(|e| {
+                // The last line of regex's multi-line message says what is wrong.
+                e.to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            }),
+        }
+    }
+
+    fn build(&self, pattern: &str) -> Result<Regex, regex::Error> {
         let full;
         let source = if self.anchored {
             full = format!("^(?:{pattern})$");
@@ -106,13 +132,7 @@ impl RegexCache {
         } else {
             pattern
         };
-        let compiled = build_regex(source).ok().map(Arc::new);
-        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= REGEX_CACHE_MAX {
-            map.clear();
-        }
-        map.insert(pattern.to_string(), compiled.clone());
-        compiled
+        build_regex(source)
     }
 
     #[cfg(test)]

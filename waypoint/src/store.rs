@@ -5,7 +5,8 @@
 //! It is fed either directly ([`L7Store::apply`], [`L7Store::replace`]: tests, embedders) or
 //! over xDS as the [`ResourceHandler`] of the `zmesh.l7.v1` type URLs (see
 //! [`L7Store::subscribe`]): each Delta ADS response is one atomic swap, and resources that do
-//! not decode are NACKed while the previous version stays in use.
+//! not decode, or hold values [`crate::validate`] refuses, are NACKed while the previous
+//! version stays in use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,6 +18,7 @@ use zmesh_core::xds::{ReceivedResource, ResourceError, ResourceHandler, XdsClien
 use zmesh_proto::l7;
 
 use crate::cors::CorsIndex;
+use crate::validate as V;
 
 /// Why a resource could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,13 @@ pub enum L7StoreError {
         name: String,
         #[source]
         source: prost::DecodeError,
+    },
+    #[error("L7 resource {name} of type {type_url} is refused: {source}")]
+    Invalid {
+        type_url: String,
+        name: String,
+        #[source]
+        source: crate::validate::Invalid,
     },
     #[error("resource type {0} is not an L7 type this waypoint understands")]
     UnknownType(String),
@@ -82,27 +91,25 @@ const TYPES: [&str; 3] = [
 
 /// Upsert/remove decoded resources of one type; a resource that does not decode keeps its old
 /// version and is reported.
+#[allow(clippy::too_many_arguments)]
 fn merge<M: Message + Default>(
     map: &mut HashMap<String, Arc<M>>,
     type_url: &str,
     updated: &[(String, Vec<u8>)],
     removed: &[String],
     replace_all: bool,
+    validate: fn(&M) -> Result<(), crate::validate::Invalid>,
     errors: &mut Vec<L7StoreError>,
 ) {
     if replace_all {
         map.retain(|k, _| updated.iter().any(|(n, _)| n == k));
     }
     for (name, bytes) in updated {
-        match M::decode(bytes.as_slice()) {
+        match decode(type_url, name, bytes, validate) {
             Ok(m) => {
                 map.insert(name.clone(), Arc::new(m));
             }
-            Err(source) => errors.push(L7StoreError::Decode {
-                type_url: type_url.into(),
-                name: name.clone(),
-                source,
-            }),
+            Err(e) => errors.push(e),
         }
     }
     for n in removed {
@@ -121,7 +128,8 @@ impl L7Store {
 
     /// Apply a delta for one type URL: upserts and removals by resource name. With
     /// `replace_all`, resources of that type not in `updated` are dropped (state-of-the-world).
-    /// Decoding errors skip that resource only (the old version stays) and are returned.
+    /// Decoding and validation errors skip that resource only (the old version stays) and are
+    /// returned.
     pub fn apply(
         &self,
         type_url: &str,
@@ -138,13 +146,37 @@ impl L7Store {
         let (u, r, all) = (updated, removed, replace_all);
         match type_url {
             zmesh_proto::L7_SERVICE_TYPE_URL => {
-                merge(&mut services, type_url, u, r, all, &mut errors);
+                merge(
+                    &mut services,
+                    type_url,
+                    u,
+                    r,
+                    all,
+                    V::service_config,
+                    &mut errors,
+                );
             }
             zmesh_proto::L7_AUTHZ_TYPE_URL => {
-                merge(&mut authorizations, type_url, u, r, all, &mut errors);
+                merge(
+                    &mut authorizations,
+                    type_url,
+                    u,
+                    r,
+                    all,
+                    V::authorization,
+                    &mut errors,
+                );
             }
             zmesh_proto::L7_TELEMETRY_TYPE_URL => {
-                merge(&mut telemetry, type_url, u, r, all, &mut errors);
+                merge(
+                    &mut telemetry,
+                    type_url,
+                    u,
+                    r,
+                    all,
+                    V::telemetry,
+                    &mut errors,
+                );
             }
             other => {
                 errors.push(L7StoreError::UnknownType(other.to_string()));
@@ -242,6 +274,26 @@ impl L7Store {
     }
 }
 
+/// Decode resource `name` and check it with `validate`.
+fn decode<M: Message + Default>(
+    type_url: &str,
+    name: &str,
+    bytes: &[u8],
+    validate: fn(&M) -> Result<(), crate::validate::Invalid>,
+) -> Result<M, L7StoreError> {
+    let m = M::decode(bytes).map_err(|source| L7StoreError::Decode {
+        type_url: type_url.into(),
+        name: name.into(),
+        source,
+    })?;
+    validate(&m).map_err(|source| L7StoreError::Invalid {
+        type_url: type_url.into(),
+        name: name.into(),
+        source,
+    })?;
+    Ok(m)
+}
+
 impl ResourceHandler for L7Store {
     fn apply_resources(
         &self,
@@ -256,10 +308,12 @@ impl ResourceHandler for L7Store {
         self.apply(type_url, &items, removed, false)
             .into_iter()
             .flat_map(|e| match e {
-                L7StoreError::Decode { ref name, .. } => vec![ResourceError {
-                    name: name.clone(),
-                    message: e.to_string(),
-                }],
+                L7StoreError::Decode { ref name, .. } | L7StoreError::Invalid { ref name, .. } => {
+                    vec![ResourceError {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    }]
+                }
                 L7StoreError::UnknownType(_) => updated
                     .iter()
                     .map(|r| ResourceError {

@@ -149,6 +149,13 @@ struct EndpointHealth {
 /// longer than this, however often the host was ejected (unless the base time is longer).
 const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
 
+/// A time far after `t` (100 years), for ejections whose configured end an `Instant` cannot
+/// hold.
+fn far_after(t: Instant) -> Instant {
+    t.checked_add(Duration::from_secs(100 * 365 * 24 * 3600))
+        .unwrap_or(t)
+}
+
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<UpBody>),
     H2(hyper::client::conn::http2::SendRequest<UpBody>),
@@ -221,7 +228,8 @@ pub struct Endpoint {
 }
 
 impl Cluster {
-    fn new(name: String, policy: Policy) -> Arc<Self> {
+    #[doc(hidden)] // pub for the fuzz targets and tests/parsers_never_panic.rs
+    pub fn new(name: String, policy: Policy) -> Arc<Self> {
         let max_conn = policy.pool.as_ref().map(|p| p.max_connections).unwrap_or(0);
         Arc::new(Cluster {
             name,
@@ -431,11 +439,20 @@ impl Cluster {
             .unwrap_or(Duration::from_secs(10))
     }
 
-    /// The first interval tick at or after `t`.
+    /// The first interval tick at or after `t` ([`far_after`] `t` when an Instant cannot
+    /// hold it).
     fn next_tick(&self, t: Instant, interval: Duration) -> Instant {
         let since = t.saturating_duration_since(self.epoch);
-        let ticks = since.as_nanos().div_ceil(interval.as_nanos());
-        self.epoch + interval.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX))
+        // In nanoseconds (u128: no overflow): a tick count times the interval overflows a
+        // Duration for extreme configured intervals.
+        let step = interval.as_nanos().max(1);
+        let offset = since.as_nanos().div_ceil(step) * step;
+        let offset = u64::try_from(offset / 1_000_000_000)
+            .ok()
+            .map(|secs| Duration::new(secs, (offset % 1_000_000_000) as u32));
+        offset
+            .and_then(|o| self.epoch.checked_add(o))
+            .unwrap_or_else(|| far_after(t))
     }
 
     fn record_outcome_at(&self, uid: &str, status: Option<u16>, total_hosts: usize, now: Instant) {
@@ -455,9 +472,10 @@ impl Cluster {
             e.consecutive_gateway = 0;
             return;
         }
-        e.consecutive_5xx += 1;
+        // Saturating: with 5xx ejection disabled (consecutive5xxErrors: 0) nothing resets it.
+        e.consecutive_5xx = e.consecutive_5xx.saturating_add(1);
         if is_gw {
-            e.consecutive_gateway += 1;
+            e.consecutive_gateway = e.consecutive_gateway.saturating_add(1);
         }
         let limit_5xx = od.consecutive_5xx_errors.unwrap_or(5);
         let trip = (limit_5xx > 0 && e.consecutive_5xx >= limit_5xx)
@@ -497,8 +515,10 @@ impl Cluster {
             .saturating_mul(e.times_ejected)
             .min(MAX_EJECTION_TIME.max(base));
         // Envoy returns ejected hosts only from its interval timer: the first tick after
-        // the ejection time has passed.
-        let until = self.next_tick(now + duration, interval);
+        // the ejection time has passed. Times too long for an Instant (a Duration of up to
+        // i64::MAX seconds decodes) eject for as long as one can represent.
+        let end = now.checked_add(duration).unwrap_or_else(|| far_after(now));
+        let until = self.next_tick(end, interval);
         e.ejected_until = Some(until);
         e.consecutive_5xx = 0;
         e.consecutive_gateway = 0;
@@ -1136,6 +1156,38 @@ mod tests {
         fast.record_outcome_at("a", Some(503), 2, fast.epoch);
         assert!(fast.is_ejected("a", fast.epoch + Duration::from_millis(45)));
         assert!(!fast.is_ejected("a", fast.epoch + Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn extreme_ejection_times_and_intervals_do_not_overflow_the_clock() {
+        // Found by tests/parsers_never_panic.rs: Instant + Duration panicked on overflow.
+        let huge = prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        };
+        for (base, interval) in [(huge, ms(10)), (ms(10), huge), (huge, huge)] {
+            let c = cluster(l7::OutlierDetection {
+                consecutive_5xx_errors: Some(1),
+                base_ejection_time: Some(base),
+                interval: Some(interval),
+                ..Default::default()
+            });
+            c.record_outcome_at("a", Some(503), 2, c.epoch);
+            assert!(c.is_ejected("a", c.epoch + Duration::from_secs(3600)));
+        }
+        // A 1 ns interval: the tick count no longer fits u32, the end stays exact.
+        let c = cluster(l7::OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            base_ejection_time: Some(ms(30_000)),
+            interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 1,
+            }),
+            ..Default::default()
+        });
+        c.record_outcome_at("a", Some(503), 2, c.epoch + Duration::from_secs(10));
+        assert!(c.is_ejected("a", c.epoch + Duration::from_secs(39)));
+        assert!(!c.is_ejected("a", c.epoch + Duration::from_secs(41)));
     }
 
     #[test]

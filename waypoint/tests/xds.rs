@@ -18,11 +18,12 @@ use xds_mesh::*;
 use zmesh_core::metrics::sample_sum;
 
 /// What the waypoint subscribes to: the state store's types and the L7 ones.
-const XDS_TYPES: [&str; 4] = [
+const XDS_TYPES: [&str; 5] = [
     zmesh_proto::ADDRESS_TYPE_URL,
     zmesh_proto::AUTHORIZATION_TYPE_URL,
     zmesh_proto::L7_SERVICE_TYPE_URL,
     zmesh_proto::L7_AUTHZ_TYPE_URL,
+    zmesh_proto::L7_TELEMETRY_TYPE_URL,
 ];
 
 async fn count(mesh: &XdsMesh, n: usize) -> HashMap<String, usize> {

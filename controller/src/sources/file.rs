@@ -304,8 +304,10 @@ fn is_blank_yaml(text: &str) -> bool {
     })
 }
 
-/// Parse one file into objects; problems go to `errors`.
-fn parse_file(
+/// Parse one file into objects (with the index of the document each came from); problems go
+/// to `errors`.
+#[doc(hidden)] // pub for the fuzz targets and tests/parsers_never_panic.rs
+pub fn parse_file(
     file: &Path,
     text: &str,
     errors: &mut Vec<SourceError>,

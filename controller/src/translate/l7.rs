@@ -822,7 +822,7 @@ fn vs_destination(
     Ok(l7::RouteDestination {
         host,
         subset: d.subset.clone(),
-        port: d.port.as_ref().map(|p| p.number).unwrap_or(0),
+        port: parse::opt_port(d.port.as_ref().map(|p| p.number)).at(format!("{f}.port.number"))?,
         weight: 0,
         request_headers: None,
         response_headers: None,
@@ -904,7 +904,7 @@ fn vs_http_route(
                 Action::Redirect(l7::Redirect {
                     scheme: rd.scheme.clone(),
                     authority: rd.authority.clone(),
-                    port: rd.port.unwrap_or(0),
+                    port: parse::opt_port(rd.port).at(format!("{f}.redirect.port"))?,
                     path_rewrite: (!rd.uri.is_empty())
                         .then(|| l7::redirect::PathRewrite::FullPath(rd.uri.clone())),
                     status_code: code,
@@ -1112,7 +1112,7 @@ fn vs_match(m: &types::HttpMatchRequest, f: &str) -> Result<l7::HttpMatch, Field
         method: sm(&m.method, "method", false)?,
         query_params,
         authority: sm(&m.authority, "authority", false)?,
-        port: m.port.unwrap_or(0),
+        port: parse::opt_port(m.port).at(format!("{f}.port"))?,
         source_namespace: m.source_namespace.clone(),
         scheme: sm(&m.scheme, "scheme", false)?,
     })
@@ -1242,7 +1242,7 @@ fn vs_tcp_route(
             subnets.push(parse::cidr(s).at(format!("{mf}.destinationSubnets[{k}]"))?);
         }
         matches.push(l7::TcpMatch {
-            port: m.port.unwrap_or(0),
+            port: parse::opt_port(m.port).at(format!("{mf}.port"))?,
             destination_subnets: subnets,
             source_namespace: m.source_namespace.clone(),
         });

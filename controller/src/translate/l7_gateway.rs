@@ -42,10 +42,29 @@ pub(super) struct Precedence {
     matcher: usize,
 }
 
-/// (service hostname, port or 0) targets of a route's Service parents.
-fn service_parents(key: &ObjectKey, parents: &[types::ParentRef]) -> Vec<(String, u32)> {
+/// (service hostname, port or 0) targets of a route's Service parents; None when there are
+/// none or one is invalid (reported).
+fn service_parents(
+    cx: &mut Cx<'_>,
+    key: &ObjectKey,
+    parents: &[types::ParentRef],
+) -> Option<Vec<(String, u32)>> {
+    match parse_service_parents(key, parents) {
+        Ok(p) if p.is_empty() => None,
+        Ok(p) => Some(p),
+        Err(e) => {
+            cx.report(key, e);
+            None
+        }
+    }
+}
+
+fn parse_service_parents(
+    key: &ObjectKey,
+    parents: &[types::ParentRef],
+) -> Result<Vec<(String, u32)>, FieldError> {
     let mut out = Vec::new();
-    for p in parents {
+    for (i, p) in parents.iter().enumerate() {
         let group = p.group.as_deref().unwrap_or("gateway.networking.k8s.io");
         let kind = p.kind.as_deref().unwrap_or("Gateway");
         if !(kind == "Service" && (group.is_empty() || group == "core")) {
@@ -57,12 +76,15 @@ fn service_parents(key: &ObjectKey, parents: &[types::ParentRef]) -> Vec<(String
             p.name.to_ascii_lowercase(),
             parse::CLUSTER_DOMAIN
         );
-        let t = (host, p.port.unwrap_or(0));
+        let t = (
+            host,
+            parse::opt_port(p.port).at(format!("spec.parentRefs[{i}].port"))?,
+        );
         if !out.contains(&t) {
             out.push(t);
         }
     }
-    out
+    Ok(out)
 }
 
 fn created(obj: &Value) -> String {
@@ -74,10 +96,9 @@ fn created(obj: &Value) -> String {
 
 pub(super) fn http_routes(cx: &mut Cx<'_>) {
     for (key, obj, spec) in cx.objects::<types::GwHttpRouteSpec>("HTTPRoute", HTTPROUTE_VERSIONS) {
-        let parents = service_parents(&key, &spec.parent_refs);
-        if parents.is_empty() {
+        let Some(parents) = service_parents(cx, &key, &spec.parent_refs) else {
             continue;
-        }
+        };
         let routes = match http_route(cx, &key, &obj, &spec) {
             Ok(r) => r,
             Err(e) => {
@@ -380,7 +401,7 @@ fn rule_base(
                 redirect = Some(l7::Redirect {
                     scheme: rd.scheme.clone().unwrap_or_default(),
                     authority: rd.hostname.clone().unwrap_or_default(),
-                    port: rd.port.unwrap_or(0),
+                    port: parse::opt_port(rd.port).at(format!("{ff}.requestRedirect.port"))?,
                     path_rewrite: rd
                         .path
                         .as_ref()
@@ -419,7 +440,8 @@ fn rule_base(
                 r.mirrors.push(l7::Mirror {
                     destination: Some(l7::RouteDestination {
                         host: backend_host(cx, key, &m.backend_ref, &format!("{mf}.backendRef"))?,
-                        port: m.backend_ref.port.unwrap_or(0),
+                        port: parse::opt_port(m.backend_ref.port)
+                            .at(format!("{mf}.backendRef.port"))?,
                         ..Default::default()
                     }),
                     percentage,
@@ -447,7 +469,7 @@ fn rule_base(
             let mut d = l7::RouteDestination {
                 host: backend_host(cx, key, b, &df)?,
                 subset: String::new(),
-                port: b.port.unwrap_or(0),
+                port: parse::opt_port(b.port).at(format!("{df}.port"))?,
                 weight,
                 request_headers: None,
                 response_headers: None,
@@ -564,10 +586,9 @@ fn path_modifier(p: &types::GwPathModifier, f: &str) -> Result<(bool, String), F
 
 pub(super) fn tcp_routes(cx: &mut Cx<'_>) {
     for (key, _obj, spec) in cx.objects::<types::GwTcpRouteSpec>("TCPRoute", TCPROUTE_VERSIONS) {
-        let parents = service_parents(&key, &spec.parent_refs);
-        if parents.is_empty() {
+        let Some(parents) = service_parents(cx, &key, &spec.parent_refs) else {
             continue;
-        }
+        };
         let routes = match tcp_route(cx, &key, &spec) {
             Ok(r) => r,
             Err(e) => {
@@ -608,7 +629,7 @@ fn tcp_route(
             let df = format!("{bf}[{k}]");
             destinations.push(l7::RouteDestination {
                 host: backend_host(cx, key, b, &df)?,
-                port: b.port.unwrap_or(0),
+                port: parse::opt_port(b.port).at(format!("{df}.port"))?,
                 weight: parse::count("weight", b.weight.unwrap_or(1)).at(format!("{df}.weight"))?,
                 ..Default::default()
             });

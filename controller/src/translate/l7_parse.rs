@@ -72,8 +72,11 @@ pub fn bad<T>(field: impl Into<String>, reason: Invalid) -> Result<T, FieldError
     })
 }
 
+/// Longest duration protobuf's `Duration` holds: 315,576,000,000 s (10 000 years).
+pub const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
 /// Parse a Go/Kubernetes/protobuf-JSON duration: "0.5s", "7s", "100ms", "1m", "1h30m", "0".
-/// Negative durations are rejected.
+/// Negative durations and durations longer than [`MAX_DURATION_SECONDS`] are rejected.
 pub fn duration(s: &str) -> Result<Duration, Invalid> {
     let err = || Invalid::Duration(s.to_string());
     let t = s.trim();
@@ -122,9 +125,15 @@ pub fn duration(s: &str) -> Result<Duration, Invalid> {
         total = total.checked_add(part).ok_or_else(err)?;
         rest = tail;
     }
-    let seconds = i64::try_from(total / 1_000_000_000).map_err(|_| err())?;
+    // protobuf's Duration range: waypoints refuse longer ones (and before they did, an
+    // ejection time of i64::MAX seconds overflowed their clock arithmetic).
+    if total > MAX_DURATION_SECONDS as u128 * 1_000_000_000 {
+        return Err(Invalid::Bad(format!(
+            "`{s}` is longer than the longest duration, {MAX_DURATION_SECONDS}s (10 000 years)"
+        )));
+    }
     Ok(Duration {
-        seconds,
+        seconds: (total / 1_000_000_000) as i64,
         nanos: (total % 1_000_000_000) as i32,
     })
 }
@@ -316,6 +325,20 @@ pub fn port(v: &serde_json::Value) -> Result<u32, Invalid> {
     }
 }
 
+/// An optional port field: unset is 0 (the default: any port, or the request's), a set one
+/// must be 1..=65535 (waypoints refuse larger values rather than cut them to 16 bits).
+pub fn opt_port(v: Option<u32>) -> Result<u32, Invalid> {
+    match v {
+        None => Ok(0),
+        Some(p) if (1..=65535).contains(&p) => Ok(p),
+        Some(p) => Err(Invalid::OutOfRange {
+            what: "port",
+            value: i64::from(p),
+            range: "1..=65535",
+        }),
+    }
+}
+
 /// The `zmesh.io/rate-limit` annotation: `"<N>/<unit>[ burst=<M>]"`, unit `s`, `m`, `h` or a
 /// duration (`"100/30s"`). N tokens are added every unit; the bucket holds `burst` (default N).
 pub fn rate_limit(v: &str) -> Result<l7::RateLimit, Invalid> {
@@ -382,6 +405,19 @@ mod tests {
         assert_eq!(d("180.000s"), (180, 0));
         for bad in ["", "7", "s", "-1s", "1x", "1.2.3s", "abc", "1s2"] {
             assert!(duration(bad).is_err(), "{bad} should be rejected");
+        }
+        // protobuf's range: up to 10 000 years.
+        assert_eq!(d("315576000000s"), (MAX_DURATION_SECONDS, 0));
+        for long in [
+            "315576000000.000000001s",
+            "9223372036854775807s",
+            "2562047788015215h",
+        ] {
+            let e = duration(long).unwrap_err().to_string();
+            assert!(
+                e.contains("longer than the longest duration"),
+                "{long}: {e}"
+            );
         }
     }
 

@@ -894,7 +894,8 @@ impl AdsStream {
 }
 
 /// Structural checks; the error text goes back to the client.
-fn validate(req: &DeltaDiscoveryRequest) -> Result<(), String> {
+#[doc(hidden)] // pub for the fuzz targets and tests/parsers_never_panic.rs
+pub fn validate(req: &DeltaDiscoveryRequest) -> Result<(), String> {
     if req.type_url.is_empty() {
         return Err("DeltaDiscoveryRequest has an empty type_url".into());
     }

@@ -30,7 +30,8 @@ pub struct Inbound {
 }
 
 /// The service named in the `forwarded` header's `host=` (Istio uses it for metrics only).
-fn forwarded_host(headers: &HeaderMap) -> Option<String> {
+#[doc(hidden)] // pub for the fuzz targets and tests/parsers_never_panic.rs
+pub fn forwarded_host(headers: &HeaderMap) -> Option<String> {
     let v = headers.get("forwarded")?.to_str().ok()?;
     v.split([';', ','])
         .filter_map(|kv| kv.trim().split_once('='))

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 use zmesh_core::hbone::pool::Pool;
@@ -48,8 +48,19 @@ pub enum Socks5Error {
     Timeout,
 }
 
-/// Read the greeting and the request; returns the destination.
-async fn handshake(pi: &ProxyInputs, s: &mut TcpStream) -> Result<SocketAddr, Socks5Error> {
+/// What a SOCKS5 client asks to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Socks5Target {
+    Addr(SocketAddr),
+    /// A domain name (address type 3) and port, still to resolve.
+    Domain(String, u16),
+}
+
+/// Read the greeting and the CONNECT request (RFC 1928) from an untrusted client, answering
+/// its method selection, or a refusal when the command or address type is not supported.
+pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<Socks5Target, Socks5Error> {
     let mut head = [0u8; 2];
     s.read_exact(&mut head).await?;
     if head[0] != 5 {
@@ -89,7 +100,7 @@ async fn handshake(pi: &ProxyInputs, s: &mut TcpStream) -> Result<SocketAddr, So
             s.read_exact(&mut b).await?;
             let name = String::from_utf8(b).map_err(|_| Socks5Error::BadDomain)?;
             let port = s.read_u16().await?;
-            return resolve(pi, &name, port).await;
+            return Ok(Socks5Target::Domain(name, port));
         }
         other => {
             reply(s, REP_ADDRESS_TYPE_NOT_SUPPORTED).await;
@@ -97,7 +108,15 @@ async fn handshake(pi: &ProxyInputs, s: &mut TcpStream) -> Result<SocketAddr, So
         }
     };
     let port = s.read_u16().await?;
-    Ok(SocketAddr::new(ip, port))
+    Ok(Socks5Target::Addr(SocketAddr::new(ip, port)))
+}
+
+/// Read the greeting and the request; returns the destination.
+async fn handshake(pi: &ProxyInputs, s: &mut TcpStream) -> Result<SocketAddr, Socks5Error> {
+    match read_request(s).await? {
+        Socks5Target::Addr(a) => Ok(a),
+        Socks5Target::Domain(name, port) => resolve(pi, &name, port).await,
+    }
 }
 
 /// Mesh service hostnames resolve to their VIP; anything else through the system resolver.
@@ -125,7 +144,7 @@ async fn resolve(pi: &ProxyInputs, name: &str, port: u16) -> Result<SocketAddr, 
     }
 }
 
-async fn reply(s: &mut TcpStream, code: u8) {
+async fn reply<S: AsyncWrite + Unpin>(s: &mut S, code: u8) {
     // Bound address is not meaningful through a tunnel; report 0.0.0.0:0.
     let _ = s.write_all(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0]).await;
 }
