@@ -21,7 +21,8 @@
 //! L7 configuration). The handler gets each response's upserts and removals in one call and
 //! returns per-resource errors, which are NACKed like decoding errors (the previous version of
 //! those resources stays held). Extra types count for the initial sync: the store is marked
-//! synced only once every subscribed type, extra ones included, has had its first response.
+//! synced only once every subscribed type, extra ones included, has had its first response —
+//! except types added with [`XdsClient::with_optional_type`].
 //!
 //! **CA** (`istio.v1.auth.IstioCertificateService/CreateCertificate`): CSR in, PEM chain out,
 //! authenticated with `authorization: Bearer <token>` (+ `clusterid`), and in node-agent mode
@@ -755,6 +756,8 @@ pub struct XdsClient {
     status: Arc<XdsStatus>,
     /// Extra type URLs and their handlers (not in `cfg.types`).
     extra: Vec<(String, Arc<dyn ResourceHandler>)>,
+    /// Extra types the initial sync does not wait for (see [`XdsClient::with_optional_type`]).
+    optional: Vec<String>,
     metrics: Option<XdsMetrics>,
 }
 
@@ -765,6 +768,7 @@ impl XdsClient {
             stop: CancellationToken::new(),
             status: Arc::default(),
             extra: Vec::new(),
+            optional: Vec::new(),
             metrics: None,
         }
     }
@@ -787,8 +791,24 @@ impl XdsClient {
         let type_url = type_url.into();
         self.cfg.types.retain(|t| *t != type_url);
         self.extra.retain(|(t, _)| *t != type_url);
+        self.optional.retain(|t| *t != type_url);
         self.extra.push((type_url, handler));
         self
+    }
+
+    /// Like [`XdsClient::with_extra_type`], for a type the proxy can run without: the initial
+    /// sync does not wait for its first response. A control plane older than the proxy ignores
+    /// a type it does not serve, and the proxy must still become ready against it (a new
+    /// waypoint during a rolling upgrade of the controller).
+    pub fn with_optional_type(
+        self,
+        type_url: impl Into<String>,
+        handler: Arc<dyn ResourceHandler>,
+    ) -> Self {
+        let type_url = type_url.into();
+        let mut c = self.with_extra_type(type_url.clone(), handler);
+        c.optional.push(type_url);
+        c
     }
 
     /// Every subscribed type URL: the state store's, then the extra ones.
@@ -1130,7 +1150,10 @@ impl XdsClient {
                 warn!(type_url = %ack.type_url, "NACK: {}", e.message);
             }
             if !self.status.synced.load(Ordering::Relaxed)
-                && all_types.iter().all(|t| held.synced.contains(t))
+                && all_types
+                    .iter()
+                    .filter(|t| !self.optional.contains(t))
+                    .all(|t| held.synced.contains(t))
             {
                 info!(%address, "xDS initial sync complete");
                 self.status.synced.store(true, Ordering::Relaxed);

@@ -222,11 +222,17 @@ impl L7Store {
         errors
     }
 
-    /// Make `client` deliver every L7 type URL to this store.
+    /// Make `client` deliver every L7 type URL to this store. Telemetry is optional: the
+    /// waypoint serves without it (no tracing), and a controller that predates the type must
+    /// not keep the waypoint unready.
     pub fn subscribe(self: &Arc<Self>, client: XdsClient) -> XdsClient {
-        TYPES
-            .iter()
-            .fold(client, |c, t| c.with_extra_type(*t, self.clone()))
+        TYPES.iter().fold(client, |c, t| {
+            if *t == zmesh_proto::L7_TELEMETRY_TYPE_URL {
+                c.with_optional_type(*t, self.clone())
+            } else {
+                c.with_extra_type(*t, self.clone())
+            }
+        })
     }
 
     /// JSON for config_dump: every resource held, by name, rendered as proto3 JSON.

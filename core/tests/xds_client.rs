@@ -1,6 +1,7 @@
-//! `istio_xds_*` metrics of the real `XdsClient` against a real tonic Delta ADS server on
-//! loopback, scripted by the test: which responses go out, and how each stream ends (status OK,
-//! a gRPC error, "come back later", the server process going away).
+//! The real `XdsClient` against a real tonic Delta ADS server on loopback, scripted by the
+//! test: which responses go out, and how each stream ends (status OK, a gRPC error, "come back
+//! later", the server process going away). Checks the `istio_xds_*` metrics and when the
+//! initial sync completes with extra and optional types.
 //!
 //! The server is scripted rather than the controller's (`controller/tests/ads.rs` runs the
 //! client against that one) because the controller crate depends on this one, and because only
@@ -20,8 +21,8 @@ use zmesh_core::state::{
     Workload,
 };
 use zmesh_core::xds::{
-    ControlPlaneEndpoint, TerminationReason, UNSUBSCRIBED_URL_LABEL, XdsClient, XdsConfig,
-    XdsMetrics,
+    ControlPlaneEndpoint, ReceivedResource, ResourceError, ResourceHandler, TerminationReason,
+    UNSUBSCRIBED_URL_LABEL, XdsClient, XdsConfig, XdsMetrics,
 };
 use zmesh_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -443,4 +444,96 @@ async fn an_xds_source_records_into_the_proxy_registry() {
             .encode()
             .contains("# TYPE istio_xds_connection_terminations counter\n")
     );
+}
+
+/// Records the resource names each extra type delivered.
+#[derive(Default)]
+struct Received(std::sync::Mutex<Vec<(String, Vec<String>)>>);
+
+impl ResourceHandler for Received {
+    fn apply_resources(
+        &self,
+        type_url: &str,
+        updated: &[ReceivedResource],
+        _removed: &[String],
+    ) -> Vec<ResourceError> {
+        let names = updated.iter().map(|r| r.name.clone()).collect();
+        self.0.lock().unwrap().push((type_url.to_string(), names));
+        Vec::new()
+    }
+}
+
+/// A required extra type holds up the initial sync; an optional one (a type an older control
+/// plane does not serve) does not, and is still delivered when it comes.
+#[tokio::test]
+async fn optional_types_do_not_hold_up_the_initial_sync() {
+    const REQUIRED: &str = "type.googleapis.com/test.Required";
+    const OPTIONAL: &str = "type.googleapis.com/test.Optional";
+    let mut server = TestServer::start();
+    let cfg = XdsConfig::ztunnel(
+        ControlPlaneEndpoint::new(format!("http://{}", server.addr), None),
+        "node-1",
+        "ztunnel-x",
+        "istio-system",
+        None,
+    );
+    let received = Arc::new(Received::default());
+    let stop = CancellationToken::new();
+    let client = XdsClient::new(cfg)
+        .with_extra_type(REQUIRED, received.clone())
+        .with_optional_type(OPTIONAL, received.clone())
+        .with_stop(stop.clone());
+    let status = client.status();
+    let store = StateStore::new();
+    let run = tokio::spawn(Box::new(client).run(store.clone()));
+
+    let mut s = server.next_session().await;
+    let mut types = Vec::new();
+    for _ in 0..4 {
+        types.push(s.request().await.type_url);
+    }
+    types.sort();
+    assert_eq!(
+        types,
+        [AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL, OPTIONAL, REQUIRED],
+        "every type is subscribed"
+    );
+    for r in [
+        address_response("a1", &[workload("a", "10.0.0.1")]),
+        authz_response("z1"),
+    ] {
+        s.push(r).await;
+    }
+    assert!(
+        !store.is_synced(),
+        "the required extra type has not answered"
+    );
+    let body = prost_types::Any::default();
+    s.push(response(
+        REQUIRED,
+        "r1",
+        vec![resource("req", REQUIRED, &body)],
+    ))
+    .await;
+    // The server never answers OPTIONAL (it does not know it), yet the proxy is ready.
+    assert!(store.is_synced(), "synced without the optional type");
+    assert!(status.dump()["synced"].as_bool().unwrap_or(false));
+    // When the optional type does come, its resources are delivered as usual.
+    let ack = s
+        .push(response(
+            OPTIONAL,
+            "o1",
+            vec![resource("opt", OPTIONAL, &body)],
+        ))
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    assert_eq!(
+        *received.0.lock().unwrap(),
+        [
+            (REQUIRED.to_string(), vec!["req".to_string()]),
+            (OPTIONAL.to_string(), vec!["opt".to_string()]),
+        ]
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
 }
