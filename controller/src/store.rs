@@ -236,6 +236,24 @@ impl Snapshot {
         self.stored_of_kind(kind).map(|(k, v)| (k, v.raw()))
     }
 
+    /// All objects of one kind ordered by (creationTimestamp, namespace, name): Istio's order
+    /// when objects conflict (the oldest wins).
+    pub fn oldest_first<'a>(&'a self, kind: &'a str) -> Vec<(&'a ObjectKey, Arc<Value>)> {
+        let mut list: Vec<(String, &ObjectKey, Arc<Value>)> = self
+            .of_kind(kind)
+            .map(|(k, v)| {
+                let ts = v
+                    .pointer("/metadata/creationTimestamp")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                (ts, k, v)
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        list.into_iter().map(|(_, k, v)| (k, v)).collect()
+    }
+
     /// All objects of one kind with their typed view `T` (memoized, see [`StoredObject`]).
     pub fn parsed_of_kind<'a, T: DeserializeOwned + Send + Sync + 'static>(
         &'a self,

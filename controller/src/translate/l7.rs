@@ -123,20 +123,8 @@ impl<'a> Cx<'a> {
         versions: &[&str],
     ) -> Vec<(ObjectKey, Arc<Value>, Arc<T>)> {
         let snap: &'a Snapshot = self.snap;
-        let mut list: Vec<(String, &'a ObjectKey, Arc<Value>)> = snap
-            .of_kind(kind)
-            .map(|(k, v)| {
-                let ts = v
-                    .pointer("/metadata/creationTimestamp")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                (ts, k, v)
-            })
-            .collect();
-        list.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         let mut res = Vec::new();
-        for (_, key, obj) in list {
+        for (key, obj) in snap.oldest_first(kind) {
             let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
             if !versions.contains(&api) {
                 // Same kind name, other API group (an Istio `Gateway` vs a Gateway API one):

@@ -25,7 +25,6 @@
 //! 0..=100, is reported and not applied (the rest of the mesh still is).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -206,21 +205,12 @@ fn api_group(v: &Value) -> &str {
 /// Every valid Telemetry with an opinion on waypoint tracing, oldest first; invalid ones are
 /// reported.
 fn telemetries(snap: &Snapshot, mesh: &MeshConfig, out: &mut Translated) -> Vec<Applicable> {
-    let mut list: Vec<(String, &ObjectKey, Arc<Value>)> = snap
-        .of_kind("Telemetry")
-        .filter(|(_, v)| api_group(v) == TELEMETRY_GROUP)
-        .map(|(k, v)| {
-            let ts = v
-                .pointer("/metadata/creationTimestamp")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            (ts, k, v)
-        })
-        .collect();
-    list.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
     let mut res = Vec::new();
-    for (_, key, _) in list {
+    for (key, _) in snap
+        .oldest_first("Telemetry")
+        .into_iter()
+        .filter(|(_, v)| api_group(v) == TELEMETRY_GROUP)
+    {
         let t = match snap.parsed::<TelemetryObject>(key) {
             Some(Ok(t)) => t,
             Some(Err(e)) => {
